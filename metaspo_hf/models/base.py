@@ -1,0 +1,112 @@
+"""The contract every generation backend meets: chats in, texts out, in one batched call.
+
+Search and protocol code only ever sees an ``LM`` (an engine bound to one role's settings), so the
+real transformers engine and the scripted fake used in tests are interchangeable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol, Sequence
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Chat = list  # list[Message]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    # 0.0 means greedy decoding (the base role); > 0 samples (the optimizer role).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    # Generation stops once any of these strings appears; the string is kept in the text.
+    stop: tuple[str, ...] = ()
+    # Seeds sampling; each row draws from its own generator so batching never changes results.
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineStats:
+    """Running counters, reported in the run folder and by ``metaspo bench``."""
+
+    calls: int = 0
+    prompts: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    oom_retries: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def add(self, other: "EngineStats") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+class Engine(Protocol):
+    """A loaded model that turns a batch of chats into completions."""
+
+    name: str
+    stats: EngineStats
+
+    def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
+        """One completion per chat, in order. Identical chats in one call with sampling get
+        different samples (the k-th copy uses sample index k), deterministically by seed."""
+        ...
+
+
+@dataclass
+class LM:
+    """An engine bound to one role's generation settings (the base LM or the optimizer LM)."""
+
+    engine: Engine
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    role: str = "base"
+    # Chats sent through this role (one chat = one generation), shared with reseeded copies.
+    usage: "RoleUsage" = field(default_factory=lambda: RoleUsage())
+
+    def __call__(self, chats: Sequence[Chat], desc: str | None = None) -> list[str]:
+        self.usage.chats += len(chats)
+        self.usage.calls += 1
+        return self.engine.generate(list(chats), self.settings, desc=desc)
+
+    def with_seed(self, seed: int) -> "LM":
+        """The same role with another sampling seed (e.g. one per search step); counts stay shared."""
+        return replace(self, settings=replace(self.settings, seed=seed))
+
+
+@dataclass
+class RoleUsage:
+    chats: int = 0
+    calls: int = 0
+
+
+def make_chat(system_prompt: str | None, user_text: str) -> Chat:
+    """A chat with an optional system turn; an empty or None system prompt means no system turn."""
+    chat: Chat = []
+    if system_prompt:
+        chat.append({"role": "system", "content": system_prompt})
+    chat.append({"role": "user", "content": user_text})
+    return chat
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text up to and including the earliest stop string, or all of it."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def stable_hash(*parts: object) -> int:
+    """A hash that is the same in every process (Python's ``hash`` of str is salted)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")

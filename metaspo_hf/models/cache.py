@@ -1,0 +1,172 @@
+"""A persistent response cache in front of any engine, so that a resumed run replays finished work.
+
+Every completion is stored in SQLite under the SHA-256 of (model id, chat as canonical JSON,
+generation settings, sample index). The sample index is k for the k-th identical chat of one call,
+the same rule the engines use to give sampled copies different draws, so a replay returns the
+very text the uninterrupted run got, copy by copy.
+
+The file also keeps running totals of the wrapped engine's counters, committed together with the
+rows they produced, so that a run resumed after a crash reports the generation costs an
+uninterrupted run would have (``total_stats``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Sequence
+from contextlib import closing
+from pathlib import Path
+
+from ..errors import MetaspoError
+from .base import Chat, Engine, EngineStats, GenerationSettings
+
+# SQLite allows at least 999 bound parameters per statement on every build still in use.
+_LOOKUP_CHUNK = 500
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS totals (model_id TEXT, name TEXT, value REAL NOT NULL, PRIMARY KEY (model_id, name))",
+)
+
+
+class CachedEngine:
+    """Wraps ``engine``; answers repeated requests from ``path`` and sends only misses to the engine.
+
+    Each ``generate`` call does one lookup, at most one call to the wrapped engine, and one
+    committed transaction; a process killed mid-call loses only that call.
+    """
+
+    def __init__(self, engine: Engine, path: str | Path, model_id: str | None = None):
+        self.engine = engine
+        self.path = Path(path)
+        # The engine's own name identifies the loaded model when the caller has no better id.
+        self.model_id = model_id if model_id is not None else engine.name
+        self.name = engine.name
+        self._session = EngineStats()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30)
+            # WAL survives a kill mid-transaction and lets readers (status) in during a write;
+            # synchronous=FULL costs one fsync per engine call, negligible next to generation.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._db:
+                for statement in _SCHEMA:
+                    self._db.execute(statement)
+        except sqlite3.DatabaseError as error:
+            raise MetaspoError(
+                f"response cache {self.path} cannot be opened: {error}",
+                hint="delete the file to start the cache afresh (finished generations will be redone)",
+            ) from error
+
+    @property
+    def stats(self) -> EngineStats:
+        """This process's counters: the wrapped engine's work done for this cache, plus cache hits."""
+        return EngineStats(**self._session.as_dict())
+
+    @property
+    def total_stats(self) -> EngineStats:
+        """The counters of every committed call for this model id in this file, across processes:
+        after a crash and resume, the generation counts equal an uninterrupted run's (the call in
+        flight at the crash is counted once, when it is redone); ``cache_hits`` includes replays."""
+        totals = EngineStats()
+        rows = self._db.execute("SELECT name, value FROM totals WHERE model_id = ?", (self.model_id,))
+        for name, value in rows:
+            if hasattr(totals, name):
+                setattr(totals, name, type(getattr(totals, name))(value))
+        return totals
+
+    def generate(
+        self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None
+    ) -> list[str]:
+        chats = list(chats)
+        if not chats:
+            return []
+        settings_key = settings.key()
+        groups: list[str] = []  # canonical chat JSON per position
+        indices: list[int] = []  # sample index k per position
+        occurrences: dict[str, int] = {}
+        for chat in chats:
+            group = _canonical(chat)
+            k = occurrences.get(group, 0)
+            occurrences[group] = k + 1
+            groups.append(group)
+            indices.append(k)
+        keys = [self._key(group, settings_key, k) for group, k in zip(groups, indices, strict=True)]
+        stored = self._lookup(keys)
+
+        # The wrapped engine numbers identical chats by their order in the call it receives, so a
+        # missing copy k is requested together with copies 0..k-1 of its chat (a subsequence of
+        # the original call): copy k then gets sample index k, as it did in the original call.
+        highest_missing: dict[str, int] = {}
+        for group, k, key in zip(groups, indices, keys, strict=True):
+            if key not in stored:
+                highest_missing[group] = k
+        request = [
+            i
+            for i, (group, k) in enumerate(zip(groups, indices, strict=True))
+            if k <= highest_missing.get(group, -1)
+        ]
+        spent = EngineStats(cache_hits=len(chats) - len(request))
+        fresh: list[str] = []
+        if request:
+            before = self.engine.stats.as_dict()
+            fresh = self.engine.generate([chats[i] for i in request], settings, desc=desc)
+            after = self.engine.stats.as_dict()
+            spent.add(EngineStats(**{name: after[name] - before[name] for name in after}))
+
+        with self._db:  # one transaction: this call's rows and counters, or nothing
+            self._db.executemany(
+                "INSERT OR IGNORE INTO responses (key, response) VALUES (?, ?)",
+                [(keys[i], text) for i, text in zip(request, fresh, strict=True)],
+            )
+            self._db.executemany(
+                "INSERT INTO totals (model_id, name, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (model_id, name) DO UPDATE SET value = value + excluded.value",
+                [(self.model_id, name, value) for name, value in spent.as_dict().items() if value],
+            )
+        self._session.add(spent)
+        for i, text in zip(request, fresh, strict=True):
+            # A copy that was already stored keeps its stored text, so replays never change.
+            stored.setdefault(keys[i], text)
+        return [stored[key] for key in keys]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> CachedEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _key(self, group: str, settings_key: dict, k: int) -> str:
+        record = json.dumps([self.model_id, group, settings_key, k], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(record.encode()).hexdigest()
+
+    def _lookup(self, keys: list[str]) -> dict[str, str]:
+        # Keys of one call are distinct: copies of one chat differ by their sample index.
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                self._db.execute(f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk)
+            )
+        return found
+
+
+def count_responses(path: str | Path) -> int:
+    """How many completions the cache file at ``path`` holds (0 when there is none yet)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+
+def _canonical(chat: Chat) -> str:
+    """The chat as canonical JSON: equal chats give equal strings, whatever their key order."""
+    return json.dumps(chat, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

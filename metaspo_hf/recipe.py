@@ -1,0 +1,248 @@
+"""Recipes: one YAML file per model and setting, loaded into typed dataclasses.
+
+A recipe may start with ``inherit: _base.yaml`` (a path relative to the recipe); its keys are merged
+over the parent's, section by section. Unknown keys and bad values are errors that name the file,
+the dotted key and the value. ``--set section.key=value`` overrides are applied after inheritance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import MetaspoError, did_you_mean
+from .models.loading import ModelSpec
+from .search.budget import EvalBudget, SearchBudget
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise MetaspoError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", key="max_new_tokens")
+        if self.temperature < 0:
+            raise MetaspoError(f"temperature must be >= 0, got {self.temperature}", key="temperature")
+        if not 0 < self.top_p <= 1:
+            raise MetaspoError(f"top_p must be in (0, 1], got {self.top_p}", key="top_p")
+
+
+def _base_generation() -> GenerationSpec:
+    # Greedy, as in the paper's code; stopping at </answer> skips tokens that are never scored.
+    return GenerationSpec(max_new_tokens=256, temperature=0.0, stop=["</answer>"])
+
+
+def _optimizer_generation() -> GenerationSpec:
+    # Temperature 1.0 (the paper's setting) keeps the m candidates of one step diverse.
+    return GenerationSpec(max_new_tokens=512, temperature=1.0)
+
+
+@dataclass
+class GenerationRoles:
+    base: GenerationSpec = field(default_factory=_base_generation)
+    optimizer: GenerationSpec = field(default_factory=_optimizer_generation)
+
+
+@dataclass
+class TaskSpec:
+    # A suite shipped with the package (`metaspo tasks ls`) or a task-list YAML in the reference layout.
+    suite: str = "bigbench-reasoning"
+    # The folder of a reference-layout dataset (`<data_dir>/<benchmark>/<task>.json`).
+    data_dir: str | None = None
+    # Explicit task lists replace the suite's; names may be registry names or `bigbench:<task>`.
+    meta_train: list[str] | None = None
+    meta_test: list[str] | None = None
+    # Keep only these domains of the suite (None = all).
+    domains: list[str] | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    # None: the optimizer role uses the base model (one loaded copy serves both roles).
+    optimizer_model: ModelSpec | None = None
+    generation: GenerationRoles = field(default_factory=GenerationRoles)
+    tasks: TaskSpec = field(default_factory=TaskSpec)
+    search: SearchBudget = field(default_factory=SearchBudget)
+    evaluation: EvalBudget = field(default_factory=EvalBudget)
+    seed: int = 0
+    # Run folders go to <output_dir>/<recipe name>/<timestamp>/ unless --output-dir is given.
+    output_dir: str = "runs"
+    # Free text shown by `metaspo ls`.
+    description: str = ""
+    # Set by the loader, not by the file.
+    name: str = field(default="recipe", metadata={"internal": True})
+    path: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                data.pop(f.name)
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides a run's results (not where it is written)."""
+        data = self.to_dict()
+        data.pop("output_dir")
+        data.pop("description")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe path, or a recipe name looked up in ./recipes and the repository's recipes/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in (Path.cwd() / "recipes", RECIPES_DIR):
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    hint = did_you_mean(path.stem, [p.stem for p in list_recipes()]) or "see `metaspo ls`"
+    raise MetaspoError(f"recipe not found: {name_or_path}", hint=hint)
+
+
+def list_recipes() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for folder in (Path.cwd() / "recipes", RECIPES_DIR):
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                if not path.name.startswith("_"):
+                    seen.setdefault(path.name, path)
+    return list(seen.values())
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    path = find_recipe(name_or_path)
+    data = _read_with_inheritance(path, chain=())
+    for item in overrides or []:
+        _apply_override(data, item, path)
+    recipe = build(Recipe, data, str(path), prefix="")
+    recipe.name, recipe.path = path.stem, str(path)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MetaspoError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MetaspoError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MetaspoError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _read_with_inheritance(path: Path, chain: tuple) -> dict:
+    if path.resolve() in chain:
+        raise MetaspoError(f"{path}: inherit loop through {' -> '.join(str(p) for p in chain)}")
+    data = _read_yaml(path)
+    parent_name = data.pop("inherit", None)
+    if parent_name is None:
+        return data
+    parent_path = (path.parent / str(parent_name))
+    if not parent_path.is_file():
+        raise MetaspoError(f"{path}: inherit: file not found: {parent_name}", hint="paths are relative to the recipe")
+    return _merge(_read_with_inheritance(parent_path, chain + (path.resolve(),)), data)
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(data: dict, item: str, path: Path) -> None:
+    if "=" not in item:
+        raise MetaspoError(f"--set {item!r}: expected section.key=value", hint="e.g. --set search.iterations=2")
+    dotted, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise MetaspoError(f"--set {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def build(cls, data, file: str, prefix: str):
+    """Construct dataclass ``cls`` from ``data``, checking keys and types; errors name file and key."""
+    if not isinstance(data, dict):
+        raise MetaspoError(f"{file}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            hint = did_you_mean(str(key), fields) or f"known keys: {', '.join(fields)}"
+            raise MetaspoError(f"{file}: unknown key '{prefix}{key}'", hint=hint)
+    kwargs = {key: _convert(hints[key], value, file, f"{prefix}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except MetaspoError as exc:
+        message = exc.message if not prefix or exc.message.startswith(prefix) else f"{prefix}{exc.message}"
+        raise MetaspoError(f"{file}: {message}", hint=exc.hint) from None
+
+
+def _convert(hint, value, file: str, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(inner, value, file, key)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, file, prefix=f"{key}.")
+    if origin in (list, tuple):
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise MetaspoError(f"{file}: {key} must be a list, got {value!r}")
+        items = [_convert(item_type, v, file, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise MetaspoError(f"{file}: {key} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
+        return value
+    return _scalar(hint, value, file, key)
+
+
+def _scalar(hint, value, file: str, key: str):
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if ok is None:
+        raise TypeError(f"recipe field {key} has unsupported type {hint}")
+    if not ok:
+        raise MetaspoError(f"{file}: {key} must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value

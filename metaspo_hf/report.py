@@ -1,0 +1,720 @@
+"""The human side of a run folder: report.md, CSV tables, PNG plots and the deployable prompt.
+
+Everything here is rebuilt from ``result.json`` alone (plus ``nodes.json`` when present), so
+``metaspo report RUN_DIR`` works on any finished run, old ones included. ``compare_runs`` puts
+several seeds of one recipe side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .errors import MetaspoError
+from .models.base import make_chat
+from .runs import atomic_file, read_json, write_json_atomic, write_text_atomic
+
+# Baselines first, in the order the paper's tables use, then MetaSPO; other labels (system prompt
+# files given to `metaspo evaluate`) follow in the order they appear.
+CANONICAL_LABELS = ("none", "default", "cot", "service", "outer_only", "sprig", "metaspo")
+COST_KEYS = (
+    "base_generations",
+    "generated_tokens",
+    "prefill_tokens",
+    "optimizer_calls",
+    "cache_hits",
+    "seconds",
+)
+# The baselines whose gap to MetaSPO `compare_runs` weighs against seed-to-seed noise.
+MARGIN_BASELINES = ("default", "cot")
+# Placeholder user turn in the exported chat snippet.
+USER_PLACEHOLDER = "<your user prompt>"
+# Enough resolution for print and for a README; the files stay around 50-100 kB.
+PLOT_DPI = 120
+
+PLOTS = {
+    "scores": "unseen_generalization.png",
+    "adaptation": "test_time_adaptation.png",
+    "meta_train": "meta_train.png",
+}
+
+
+# ---- result.json schema ---------------------------------------------------------------------------
+
+
+def validate_result(obj: Any, source: str = "result.json") -> dict:
+    """``obj`` if it has the shape of a run's result.json; otherwise a MetaspoError naming the key."""
+    check = _Checker(source)
+    check.mapping(obj, "")
+    for key in ("recipe", "model", "method", "optimized_system_prompt"):
+        check.field(obj, key, str)
+    check.field(obj, "seed", int)
+    check.field(obj, "wall_seconds", float)
+    for label in check.field(obj, "system_prompts", dict):
+        check.field(obj["system_prompts"], label, str, "system_prompts.")
+    for task, by_label in check.field(obj, "scores", dict).items():
+        check.mapping(by_label, f"scores.{task}")
+        for label in by_label:
+            check.field(by_label, label, dict, f"scores.{task}.")
+            for key, kind in (("mean", float), ("sd", float), ("n", int)):
+                check.field(by_label[label], key, kind, f"scores.{task}.{label}.")
+    for label in check.field(obj, "overall", dict):
+        check.field(obj["overall"], label, float, "overall.")
+    for task, by_label in check.field(obj, "adaptation", dict).items():
+        check.mapping(by_label, f"adaptation.{task}")
+        for label in by_label:
+            for i, _ in enumerate(check.field(by_label, label, list, f"adaptation.{task}.")):
+                check.field(by_label[label], i, float, f"adaptation.{task}.{label}.")
+    for method, history in check.field(obj, "meta_train", dict).items():
+        check.field(obj["meta_train"], method, list, "meta_train.")
+        for i, step in enumerate(history):
+            check.mapping(step, f"meta_train.{method}.{i}")
+            for key, kind in (
+                ("iteration", int),
+                ("incumbent_score", float),
+                ("best_candidate_score", float),
+                ("adopted", bool),
+            ):
+                check.field(step, key, kind, f"meta_train.{method}.{i}.")
+    check.field(obj, "costs", dict)
+    for key in COST_KEYS:
+        check.field(obj["costs"], key, float, "costs.")
+    return obj
+
+
+class _Checker:
+    """Type checks that name the file and the dotted key of the first problem."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def mapping(self, value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            raise MetaspoError(
+                f"{self.source}: {where or 'the top level'} should be a JSON object, not {type(value).__name__}"
+            )
+
+    def field(self, container: Any, key: Any, kind: type, prefix: str = "") -> Any:
+        name = f"{prefix}{key}"
+        if isinstance(container, dict) and key not in container:
+            raise MetaspoError(
+                f"{self.source}: missing key {name!r}",
+                hint="result.json is written whole at the end of a run; was this one edited by hand?",
+            )
+        value = container[key]
+        if not _is_kind(value, kind):
+            raise MetaspoError(
+                f"{self.source}: {name!r} should be {_KIND_NAMES[kind]}, not {json.dumps(value)[:60]}"
+            )
+        return value
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "a JSON object",
+    list: "a list",
+}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:  # JSON numbers: integers count, booleans do not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Rebuild report.md, the CSVs, the plots and the prompt exports of ``run_dir``; the report's path."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise MetaspoError(f"run folder {folder} does not exist", hint="check the path")
+    result_path = folder / "result.json"
+    if not result_path.exists():
+        raise MetaspoError(
+            f"{result_path} does not exist",
+            hint="the run has not finished yet; resume it to write its result",
+        )
+    result = validate_result(read_json(result_path), source=str(result_path))
+    nodes = _method_nodes(folder / "nodes.json", result["method"])
+    labels = _ordered_labels(_all_labels(result))
+    # Methods share the label colors (the `metaspo` curve matches the `metaspo` bars).
+    colors = _label_colors(_ordered_labels([*labels, *result["meta_train"]]))
+
+    _write_csv(
+        folder / "scores.csv",
+        ["task", "label", "mean", "sd", "n"],
+        [
+            [task, label, s["mean"], s["sd"], s["n"]]
+            for task, by_label in result["scores"].items()
+            for label, s in _in_order(by_label, labels)
+        ],
+    )
+    _write_csv(
+        folder / "adaptation.csv",
+        ["task", "label", "iteration", "score"],
+        [
+            [task, label, i, score]
+            for task, by_label in result["adaptation"].items()
+            for label, curve in _in_order(by_label, labels)
+            for i, score in enumerate(curve)
+        ],
+    )
+    _write_csv(
+        folder / "meta_train.csv",
+        ["method", "iteration", "incumbent_score", "best_candidate_score", "adopted"],
+        [
+            [method, s["iteration"], s["incumbent_score"], s["best_candidate_score"], s["adopted"]]
+            for method, history in result["meta_train"].items()
+            for s in history
+        ],
+    )
+
+    plotted = {
+        "scores": _plot_scores(result, labels, colors, folder / PLOTS["scores"]),
+        "adaptation": _plot_adaptation(result, labels, colors, folder / PLOTS["adaptation"]),
+        "meta_train": _plot_meta_train(result, colors, folder / PLOTS["meta_train"]),
+    }
+    for section, drawn in plotted.items():
+        if not drawn:  # a stale plot from an earlier report would contradict the data
+            (folder / PLOTS[section]).unlink(missing_ok=True)
+
+    _write_exports(folder, result, nodes)
+    report = folder / "report.md"
+    write_text_atomic(report, _report_markdown(result, labels, plotted))
+    return report
+
+
+def _report_markdown(result: dict, labels: list[str], plotted: dict[str, bool]) -> str:
+    prompt = result["optimized_system_prompt"]
+    lines = [
+        f"# MetaSPO run: {result['recipe']}",
+        "",
+        f"Model `{result['model']}`, method `{result['method']}`, seed {result['seed']}; "
+        f"total wall time {_duration(result['wall_seconds'])}.",
+        "",
+        "## Optimized system prompt",
+        "",
+        *_fenced(prompt or "(empty: no system turn)"),
+        "",
+        "Ready to deploy: [system_prompt.txt](system_prompt.txt) (plain text), [Modelfile](Modelfile) "
+        "(Ollama `SYSTEM` snippet), [chat_template_snippet.json](chat_template_snippet.json) (messages for "
+        "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`), and "
+        "[metaspo_result.json](metaspo_result.json) (the reference code's result shape).",
+        "",
+        "## Unseen generalization",
+        "",
+        *_scores_section(result, labels),
+        "",
+        "## Test-time adaptation",
+        "",
+        *_adaptation_section(result, labels, plotted["adaptation"]),
+        "",
+        "## Meta-training",
+        "",
+        *_meta_train_section(result, plotted["meta_train"]),
+        "",
+        "## Costs",
+        "",
+        *_costs_section(result),
+        "",
+        *_prompts_section(result, labels),
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _scores_section(result: dict, labels: list[str]) -> list[str]:
+    if not result["scores"]:
+        return ["This run has no unseen-generalization scores, so there is no table or plot."]
+    columns = [label for label in labels if any(label in t for t in result["scores"].values())]
+    rows = [
+        [
+            task,
+            *_bold_best(
+                {
+                    label: (s["mean"], _mean_sd(s["mean"], s["sd"], f"n={s['n']}"))
+                    for label, s in by_label.items()
+                },
+                columns,
+            ),
+        ]
+        for task, by_label in result["scores"].items()
+    ]
+    overall = {label: (value, f"{value:.3f}") for label, value in result["overall"].items()}
+    rows.append(["**overall**", *_bold_best(overall, columns)])
+    return [
+        "Test score on each unseen task: mean ± sd over the user prompts (n = number of user prompts). "
+        "The best system prompt of each row is in bold.",
+        "",
+        *_markdown_table(["task", *columns], rows),
+        "",
+        f"![Unseen generalization]({PLOTS['scores']})",
+        "",
+        "Data: [scores.csv](scores.csv).",
+    ]
+
+
+def _adaptation_section(result: dict, labels: list[str], plotted: bool) -> list[str]:
+    if not plotted:
+        return ["This run has no test-time adaptation curves, so there is no table or plot."]
+    width = max(len(curve) for by_label in result["adaptation"].values() for curve in by_label.values())
+    rows = [
+        [task, label, *(f"{v:.3f}" for v in curve), *([""] * (width - len(curve)))]
+        for task, by_label in result["adaptation"].items()
+        for label, curve in _in_order(by_label, labels)
+    ]
+    return [
+        "Test score on each unseen task per test-time adaptation iteration (user-prompt search with "
+        "the system prompt fixed).",
+        "",
+        *_markdown_table(["task", "system prompt", *(f"iter {i}" for i in range(width))], rows),
+        "",
+        f"![Test-time adaptation]({PLOTS['adaptation']})",
+        "",
+        "Data: [adaptation.csv](adaptation.csv).",
+    ]
+
+
+def _meta_train_section(result: dict, plotted: bool) -> list[str]:
+    if not plotted:
+        return [
+            "This run has no meta-training history (it evaluated given system prompts), so there is no plot."
+        ]
+    rows = [
+        [
+            method,
+            str(s["iteration"]),
+            f"{s['incumbent_score']:.3f}",
+            f"{s['best_candidate_score']:.3f}",
+            "yes" if s["adopted"] else "no",
+        ]
+        for method, history in result["meta_train"].items()
+        for s in history
+    ]
+    return [
+        "Mean training score over all source tasks and kept user prompts, per iteration: the incumbent "
+        "system prompt after the iteration, and the best candidate written in it.",
+        "",
+        *_markdown_table(["method", "iteration", "incumbent", "best candidate", "adopted"], rows),
+        "",
+        f"![Meta-training]({PLOTS['meta_train']})",
+        "",
+        "Data: [meta_train.csv](meta_train.csv).",
+    ]
+
+
+def _costs_section(result: dict) -> list[str]:
+    costs, wall = result["costs"], result["wall_seconds"]
+    rows = [[key.replace("_", " "), _count(costs[key])] for key in COST_KEYS if key != "seconds"]
+    rows.append(["generation seconds", f"{costs['seconds']:.1f}"])
+    rows.append(["total wall time", f"{_duration(wall)} ({wall:.1f} s)"])
+    return _markdown_table(["counter", "value"], rows)
+
+
+def _prompts_section(result: dict, labels: list[str]) -> list[str]:
+    if not result["system_prompts"]:
+        return []
+    lines = ["## System prompts compared", ""]
+    for label, text in _in_order(result["system_prompts"], labels):
+        body = _fenced(text or "(empty: no system turn)")
+        lines += [f"<details><summary>{label}</summary>", "", *body, "", "</details>", ""]
+    return lines
+
+
+def _method_nodes(path: Path, method: str) -> Any:
+    """The search nodes of the run's method: nodes.json maps each searched method to its nodes."""
+    if not path.exists():
+        return []
+    nodes = read_json(path)
+    return nodes.get(method, []) if isinstance(nodes, dict) else nodes
+
+
+def _write_exports(folder: Path, result: dict, nodes: Any) -> None:
+    prompt = result["optimized_system_prompt"]
+    write_text_atomic(folder / "system_prompt.txt", prompt + "\n")
+    write_text_atomic(
+        folder / "Modelfile",
+        f"# Ollama Modelfile snippet: the system prompt optimized for {result['model']}.\n"
+        "# Add it below your FROM line.\n"
+        f'SYSTEM """{prompt}"""\n',
+    )
+    write_json_atomic(
+        folder / "chat_template_snippet.json", {"messages": make_chat(prompt, USER_PLACEHOLDER)}
+    )
+    write_json_atomic(folder / "metaspo_result.json", {"optimized_system_prompt": prompt, "nodes": nodes})
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+
+def _plot_scores(result: dict, labels: list[str], colors: dict, path: Path) -> bool:
+    scores, overall = result["scores"], result["overall"]
+    if not scores:
+        return False
+    shown = [label for label in labels if label in overall or any(label in t for t in scores.values())]
+    groups = [*scores, "overall"]
+    width = 0.8 / len(shown)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1.0, len(shown) / 4)), 4.5))
+    ax = fig.subplots()
+    for i, label in enumerate(shown):
+        offset = (i - (len(shown) - 1) / 2) * width
+        present = [(g, scores[task][label]) for g, task in enumerate(scores) if label in scores[task]]
+        ax.bar(
+            [g + offset for g, _ in present],
+            [s["mean"] for _, s in present],
+            width,
+            yerr=[s["sd"] for _, s in present],
+            capsize=2,
+            label=label,
+            color=colors[label],
+        )
+        if label in overall:  # no error bar: the overall score is a mean over tasks, not over user prompts
+            ax.bar(len(scores) + offset, overall[label], width, color=colors[label])
+    ax.set_xticks(
+        range(len(groups)),
+        groups,
+        rotation=20 if len(groups) > 4 else 0,
+        ha="right" if len(groups) > 4 else "center",
+    )
+    ax.set_ylabel("test score (mean ± sd over user prompts)")
+    ax.set_title("Unseen generalization")
+    ax.legend(fontsize="small", ncols=min(len(shown), 4))
+    _save_png(fig, path)
+    return True
+
+
+def _plot_adaptation(result: dict, labels: list[str], colors: dict, path: Path) -> bool:
+    tasks = {task: by_label for task, by_label in result["adaptation"].items() if any(by_label.values())}
+    if not tasks:
+        return False
+    columns = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (task, by_label) in zip(axes, tasks.items(), strict=False):
+        for label, curve in _in_order(by_label, labels):
+            ax.plot(range(len(curve)), curve, marker="o", label=label, color=colors[label])
+        ax.set_title(task)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test score")
+        ax.legend(fontsize="small")
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    fig.suptitle("Test-time adaptation")
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
+def _plot_meta_train(result: dict, colors: dict, path: Path) -> bool:
+    history = {method: steps for method, steps in result["meta_train"].items() if steps}
+    if not history:
+        return False
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    for method, steps in history.items():
+        iterations = [s["iteration"] for s in steps]
+        ax.plot(
+            iterations,
+            [s["incumbent_score"] for s in steps],
+            marker="o",
+            color=colors[method],
+            label=f"{method}: incumbent",
+        )
+        ax.plot(
+            iterations,
+            [s["best_candidate_score"] for s in steps],
+            linestyle="--",
+            alpha=0.6,
+            color=colors[method],
+            label=f"{method}: best candidate",
+        )
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mean training score")
+    ax.set_title("Meta-training")
+    ax.legend(fontsize="small")
+    _save_png(fig, path)
+    return True
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    with atomic_file(path, binary=True) as fh:
+        fig.savefig(fh, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+
+
+def _label_colors(labels: list[str]) -> dict[str, Any]:
+    """One fixed color per label, so a label looks the same in every plot of a report."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+
+
+# ---- comparing seeds ------------------------------------------------------------------------------
+
+
+def summarize_seeds(results: list[dict]) -> dict:
+    """Mean and sample sd across runs (seeds) of each label's overall and per-task scores, and
+    MetaSPO's margin over each baseline in ``MARGIN_BASELINES``."""
+    labels = _ordered_labels(label for r in results for label in r["overall"])
+    tasks = list(dict.fromkeys(task for r in results for task in r["scores"]))
+    summary = {
+        "recipe": results[0]["recipe"],
+        "seeds": [r["seed"] for r in results],
+        "overall": {
+            label: _spread([r["overall"][label] for r in results if label in r["overall"]])
+            for label in labels
+        },
+        "tasks": {
+            task: {
+                label: _spread(
+                    [r["scores"][task][label]["mean"] for r in results if label in r["scores"].get(task, {})]
+                )
+                for label in labels
+                if any(label in r["scores"].get(task, {}) for r in results)
+            }
+            for task in tasks
+        },
+        "margins": {},
+    }
+    metaspo = summary["overall"].get("metaspo")
+    for baseline in MARGIN_BASELINES:
+        paired = [
+            r["overall"]["metaspo"] - r["overall"][baseline]
+            for r in results
+            if "metaspo" in r["overall"] and baseline in r["overall"]
+        ]
+        if paired:
+            margin = _spread(paired)
+            summary["margins"][baseline] = {
+                **margin,
+                "metaspo_seed_sd": metaspo["sd"],
+                "beyond_seed_noise": margin["mean"] > metaspo["sd"],
+            }
+    return summary
+
+
+def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
+    """Write comparison.md, comparison.csv and comparison.png for several seeds of one recipe."""
+    folders = [Path(d) for d in run_dirs]
+    if len(folders) < 2:
+        raise MetaspoError(f"comparing seeds needs at least two run folders, got {len(folders)}")
+    results = []
+    for folder in folders:
+        path = folder / "result.json"
+        if not path.exists():
+            raise MetaspoError(
+                f"{path} does not exist", hint="finish (resume) that run first, or leave it out"
+            )
+        results.append(validate_result(read_json(path), source=str(path)))
+    recipes = sorted({r["recipe"] for r in results})
+    if len(recipes) > 1:
+        raise MetaspoError(
+            f"the runs were made by different recipes ({', '.join(recipes)})",
+            hint="compare seeds of one recipe at a time",
+        )
+    seeds = [r["seed"] for r in results]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise MetaspoError(
+            f"seed {repeated[0]} appears in more than one run folder",
+            hint="each run should use a different seed; leave out the repeats",
+        )
+
+    summary = summarize_seeds(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(
+        out / "comparison.csv",
+        ["task", "label", "mean", "sd", "n_seeds"],
+        [["overall", label, s["mean"], s["sd"], s["n"]] for label, s in summary["overall"].items()]
+        + [
+            [task, label, s["mean"], s["sd"], s["n"]]
+            for task, by_label in summary["tasks"].items()
+            for label, s in by_label.items()
+        ],
+    )
+    _plot_comparison(summary, out / "comparison.png")
+
+    report = out / "comparison.md"
+    write_text_atomic(report, _comparison_markdown(summary, folders, out))
+    return report
+
+
+def _comparison_markdown(summary: dict, folders: list[Path], out: Path) -> str:
+    labels = list(summary["overall"])
+
+    def cells(by_label: dict) -> list[str]:
+        return _bold_best(
+            {
+                label: (s["mean"], _mean_sd(s["mean"], s["sd"], f"{s['n']} seeds"))
+                for label, s in by_label.items()
+            },
+            labels,
+        )
+
+    lines = [
+        f"# Seed comparison: {summary['recipe']}",
+        "",
+        f"{len(folders)} runs, seeds {', '.join(map(str, summary['seeds']))}: "
+        + ", ".join(f"[{f}]({_relative_link(f / 'report.md', out)})" for f in folders)
+        + ".",
+        "",
+        "Scores are mean ± sample sd across seeds of each run's score (a run's task score is itself a mean "
+        "over user prompts). The best system prompt of each row is in bold.",
+        "",
+        *_markdown_table(
+            ["task", *labels],
+            [["**overall**", *cells(summary["overall"])]]
+            + [[task, *cells(by_label)] for task, by_label in summary["tasks"].items()],
+        ),
+        "",
+        "![Seed comparison](comparison.png)",
+        "",
+        "Data: [comparison.csv](comparison.csv).",
+        "",
+        "## MetaSPO's margin against seed-to-seed noise",
+        "",
+    ]
+    if summary["margins"]:
+        lines += [
+            "Margin = MetaSPO's overall score minus the baseline's, paired by seed. It counts as beyond seed "
+            "noise when the mean margin exceeds the sd of MetaSPO's overall score across seeds.",
+            "",
+            *_markdown_table(
+                ["baseline", "margin (mean ± sd)", "MetaSPO seed sd", "beyond seed noise"],
+                [
+                    [
+                        baseline,
+                        _mean_sd(m["mean"], m["sd"], f"{m['n']} seeds"),
+                        f"{m['metaspo_seed_sd']:.3f}",
+                        "yes" if m["beyond_seed_noise"] else "no",
+                    ]
+                    for baseline, m in summary["margins"].items()
+                ],
+            ),
+        ]
+    else:
+        lines.append(
+            "The runs do not score both MetaSPO and a default or CoT baseline, so there is no margin."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_comparison(summary: dict, path: Path) -> None:
+    labels = list(summary["overall"])
+    colors = _label_colors(labels)
+    fig = Figure(figsize=(max(5.0, 0.9 * len(labels)), 4.0))
+    ax = fig.subplots()
+    ax.bar(
+        range(len(labels)),
+        [summary["overall"][label]["mean"] for label in labels],
+        yerr=[summary["overall"][label]["sd"] for label in labels],
+        capsize=3,
+        color=[colors[label] for label in labels],
+    )
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel("overall test score (mean ± sd over seeds)")
+    ax.set_title(f"{summary['recipe']}: {len(summary['seeds'])} seeds")
+    _save_png(fig, path)
+
+
+def _spread(values: list[float]) -> dict:
+    # Sample sd (n - 1): the runs are a sample of the seeds one could have drawn.
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+# ---- formatting helpers ---------------------------------------------------------------------------
+
+
+def _all_labels(result: dict) -> Iterable[str]:
+    yield from result["system_prompts"]
+    yield from result["overall"]
+    for by_label in (*result["scores"].values(), *result["adaptation"].values()):
+        yield from by_label
+
+
+def _ordered_labels(labels: Iterable[str]) -> list[str]:
+    seen = list(dict.fromkeys(labels))
+    return [label for label in CANONICAL_LABELS if label in seen] + [
+        label for label in seen if label not in CANONICAL_LABELS
+    ]
+
+
+def _in_order(by_label: dict, labels: list[str]) -> list[tuple[str, Any]]:
+    return [(label, by_label[label]) for label in labels if label in by_label]
+
+
+def _bold_best(cells: dict[str, tuple[float, str]], columns: list[str]) -> list[str]:
+    """Each column's text for one table row (a dash where the label is missing), the highest in bold."""
+    values = [cells[label][0] for label in columns if label in cells and not math.isnan(cells[label][0])]
+    best = max(values, default=None)
+    texts = []
+    for label in columns:
+        if label not in cells:
+            texts.append("–")
+        else:
+            value, text = cells[label]
+            texts.append(f"**{text}**" if value == best else text)
+    return texts
+
+
+def _mean_sd(mean: float, sd: float, count: str) -> str:
+    return f"{mean:.3f} ± {sd:.3f} ({count})"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def _fenced(text: str) -> list[str]:
+    # A fence longer than any backtick run inside the text, so a prompt with ``` cannot break it.
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}text", text, fence]
+
+
+def _relative_link(target: Path, start: Path) -> str:
+    # Relative, so the links keep working when the folders are copied or published together.
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _duration(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _count(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"

@@ -1,0 +1,450 @@
+"""The run folder: everything one run writes, laid out so that a killed run can be resumed.
+
+Durability rules: the event log is append-only and every line is flushed and fsync'd before
+``log`` returns; every JSON file (checkpoints, nodes, costs, result) is replaced atomically, so a
+reader sees either the previous or the new version, never half a file. Nothing taken from the
+environment (tokens, keys, passwords) is ever written: see ``scrub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .errors import MetaspoError
+from .models.cache import count_responses
+
+# The issue's documented default location, relative to the folder the command runs in.
+RUNS_ROOT = Path("runs")
+
+# Key names whose values are credentials: "token", "hf_token", "api_key", "password", ...
+# Anchored at the end so that counters such as "generated_tokens" or "max_new_tokens" stay.
+_SECRET_NAME = re.compile(
+    r"(^|[_\-.])(token|api[_-]?key|apikey|password|passwd|secret|secret[_-]?key|private[_-]?key"
+    r"|access[_-]?key|credentials?)$",
+    re.IGNORECASE,
+)
+REDACTED = "<redacted>"
+# Suffix of the temporary files behind atomic writes; a kill can leave one, removed on resume.
+TEMP_SUFFIX = ".tmp"
+# Shorter environment values ("1", "true") are settings, not secrets, and would redact common words.
+_MIN_SECRET_LENGTH = 8
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with credentials removed: string values under secret-looking keys are redacted, and
+    any text equal to or containing a secret environment variable's value (HF_TOKEN, ...) is masked."""
+    return _scrub(value, _secret_environment_values())
+
+
+def _secret_environment_values() -> list[str]:
+    # Only values are kept, to mask them; the environment itself is never written anywhere.
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LENGTH]
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(v, str) and _SECRET_NAME.search(str(k)) else _scrub(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def scrub_argv(argv: list[str]) -> list[str]:
+    """A command line with credential values redacted: ``--token X``, ``--api-key=X``, ``model.hf_token=X``."""
+    cleaned: list[str] = []
+    redact_next = False
+    for arg in argv:
+        if redact_next:
+            cleaned.append(REDACTED)
+            redact_next = False
+            continue
+        name, sep, _ = arg.partition("=")
+        if sep and _SECRET_NAME.search(name.lstrip("-")):
+            cleaned.append(f"{name}={REDACTED}")
+        elif arg.startswith("-") and _SECRET_NAME.search(arg.lstrip("-")):
+            cleaned.append(arg)
+            redact_next = True
+        else:
+            cleaned.append(arg)
+    return _scrub(cleaned, _secret_environment_values())
+
+
+# ---- atomic files ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_file(path: str | Path, binary: bool = False) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On an exception (or a kill) ``path`` keeps its previous content and the temporary file is removed
+    (a kill can leave one ``.<name>.<random>.tmp`` behind; ``RunDir.open`` removes those).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    # Mode 0o666 minus the umask, as open() would give (mkstemp's 0600 would hide results from others).
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        # newline="" writes "\n" as is on every platform, so CSV and JSON files are byte-identical.
+        with (
+            os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8", newline="")
+        ) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is durable only once the folder entry is on disk (POSIX; Windows has no dir fds).
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_file(path) as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; a missing or malformed file is a MetaspoError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetaspoError(f"{path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise MetaspoError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
+
+
+# ---- the run folder -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStatus:
+    """What a run folder already holds, for the resume message."""
+
+    path: Path
+    recipe: str
+    events: Counter = field(default_factory=Counter)
+    last_event: dict | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    cached_responses: int = 0
+    has_user_prompts: bool = False
+    has_nodes: bool = False
+    has_result: bool = False
+    has_report: bool = False
+
+    def __str__(self) -> str:
+        logged = ", ".join(f"{count} x {name}" for name, count in self.events.items()) or "none"
+        last = self.last_event or {}
+        parts = [
+            f"run folder {self.path} (recipe {self.recipe!r})",
+            f"events: {logged}"
+            + (f"; last {last.get('event', '?')!r} at {last.get('time', '?')}" if last else ""),
+            f"checkpoints: {', '.join(self.checkpoints) or 'none'}",
+            f"cached responses: {self.cached_responses}",
+            "user prompts: " + ("saved" if self.has_user_prompts else "not yet"),
+            "nodes: " + ("saved" if self.has_nodes else "not yet"),
+            "result.json: " + ("written" if self.has_result else "not yet"),
+            "report: " + ("written" if self.has_report else "not yet"),
+        ]
+        return "; ".join(parts)
+
+
+class RunDir:
+    """One run's folder. Create it with ``RunDir.create``; reopen it (to resume) with ``RunDir.open``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- files ------------------------------------------------------------------------------------
+    @property
+    def recipe_file(self) -> Path:
+        """The resolved recipe (every default filled in), as YAML."""
+        return self.path / "recipe.yaml"
+
+    @property
+    def run_file(self) -> Path:
+        """Recipe name and hash, package versions, creation time and the command line."""
+        return self.path / "run.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def responses_db(self) -> Path:
+        """The CachedEngine's SQLite file: every completion of the run, replayed on resume."""
+        return self.path / "responses.sqlite"
+
+    @property
+    def user_prompts_file(self) -> Path:
+        """The unseen-generalization protocol's user prompts, reused by every compared system prompt."""
+        return self.path / "user_prompts.json"
+
+    @property
+    def nodes_file(self) -> Path:
+        """All search candidates with scores and parents."""
+        return self.path / "nodes.json"
+
+    @property
+    def costs_file(self) -> Path:
+        return self.path / "costs.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "result.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    # ---- creating and reopening -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        output_dir: str | Path | None,
+        recipe_name: str,
+        resolved_recipe: dict,
+        recipe_hash: str,
+        root: str | Path = RUNS_ROOT,
+    ) -> RunDir:
+        """A new run folder at ``output_dir``, or at ``<root>/<recipe_name>/<UTC timestamp>/``.
+
+        Writes ``recipe.yaml`` and then ``run.json``; a folder counts as a run once ``run.json`` exists.
+        """
+        if output_dir is not None:
+            path = Path(output_dir)
+            if (path / "run.json").exists():
+                raise MetaspoError(
+                    f"{path} already holds a run",
+                    hint="resume it, or choose another --output-dir",
+                )
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path = _fresh_timestamped_dir(Path(root) / _safe_name(recipe_name))
+        run = cls(path)
+        with atomic_file(run.recipe_file) as fh:
+            yaml.safe_dump(scrub(resolved_recipe), fh, sort_keys=False, allow_unicode=True)
+        run.write_json(
+            "run.json",
+            {
+                "recipe": recipe_name,
+                "recipe_hash": recipe_hash,
+                "created": _utc_now(),
+                "command": shlex.join(scrub_argv([Path(sys.argv[0]).name, *sys.argv[1:]])),
+                "versions": _versions(),
+            },
+        )
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path, recipe_hash: str | None = None) -> RunDir:
+        """An existing run folder; with ``recipe_hash``, check that the same recipe made it.
+
+        ``recipe_hash`` is None for commands that only read the folder (report, status).
+        """
+        run = cls(path)
+        if not run.path.is_dir():
+            raise MetaspoError(f"run folder {run.path} does not exist", hint="check the path")
+        if not run.run_file.exists():
+            raise MetaspoError(
+                f"{run.path} is not a run folder (it has no run.json)",
+                hint="pass the folder that a metaspo command printed as its last line",
+            )
+        info = read_json(run.run_file)
+        if recipe_hash is not None and info.get("recipe_hash") != recipe_hash:
+            raise MetaspoError(
+                f"run folder {run.path} was made by recipe {info.get('recipe')!r} with hash "
+                f"{info.get('recipe_hash')}, not by this recipe (hash {recipe_hash})",
+                hint="resume with the recipe and --set overrides that made the run, or start a new run folder",
+            )
+        run._drop_torn_event()
+        for leftover in run.path.rglob(f".*{TEMP_SUFFIX}"):  # from atomic writes cut short by a kill
+            leftover.unlink()
+        return run
+
+    @classmethod
+    def open_or_create(
+        cls,
+        output_dir: str | Path | None,
+        recipe_name: str,
+        resolved_recipe: dict,
+        recipe_hash: str,
+        root: str | Path = RUNS_ROOT,
+    ) -> RunDir:
+        """Resume the run in ``output_dir`` when it holds one (same recipe only), else start one there."""
+        if output_dir is not None and (Path(output_dir) / "run.json").exists():
+            return cls.open(output_dir, recipe_hash)
+        return cls.create(output_dir, recipe_name, resolved_recipe, recipe_hash, root)
+
+    @property
+    def info(self) -> dict:
+        """The content of run.json."""
+        return read_json(self.run_file)
+
+    # ---- event log --------------------------------------------------------------------------------
+    def log(self, event: dict) -> dict:
+        """Append one event (a dict, by convention with an ``"event"`` name) as a JSON line, with
+        its UTC time; the line is on disk when this returns."""
+        record = scrub({"time": _utc_now(), **event})
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(self.events_file, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return record
+
+    def events(self) -> list[dict]:
+        """Every logged event, in order; a last line cut short by a kill is left out."""
+        if not self.events_file.exists():
+            return []
+        lines = self.events_file.read_text(encoding="utf-8").split("\n")
+        # Only the text after the last newline can be torn; every earlier line was fsync'd whole.
+        events = []
+        for number, line in enumerate(lines[:-1], start=1):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise MetaspoError(
+                    f"{self.events_file} line {number} is not valid JSON ({error.msg})",
+                    hint="the event log was edited by hand; restore it or start a new run folder",
+                ) from None
+        return events
+
+    def _drop_torn_event(self) -> None:
+        # A kill during `log` can leave a last line without its newline; appending after it would glue
+        # the next event onto it, so it is cut off before the run continues.
+        if not self.events_file.exists():
+            return
+        data = self.events_file.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.events_file, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    # ---- JSON files and checkpoints ---------------------------------------------------------------
+    def write_json(self, path: str | Path, obj: Any) -> Path:
+        """Write ``obj`` (scrubbed of credentials) atomically; ``path`` is relative to the run folder
+        unless absolute."""
+        return write_json_atomic(self.path / path, scrub(obj))
+
+    def read_json(self, path: str | Path) -> Any:
+        return read_json(self.path / path)
+
+    def save_checkpoint(self, name: str, state: Any) -> Path:
+        """Atomically store ``state`` as ``checkpoints/<name>.json``."""
+        return self.write_json(Path("checkpoints", f"{_safe_name(name)}.json"), state)
+
+    def load_checkpoint(self, name: str) -> Any | None:
+        """The state saved under ``name``, or None when the run has not reached that point yet."""
+        path = self.checkpoints_dir / f"{_safe_name(name)}.json"
+        return read_json(path) if path.exists() else None
+
+    def status(self) -> RunStatus:
+        events = self.events()
+        info = self.info if self.run_file.exists() else {}
+        checkpoints = (
+            sorted(p.stem for p in self.checkpoints_dir.glob("*.json"))
+            if self.checkpoints_dir.is_dir()
+            else []
+        )
+        return RunStatus(
+            path=self.path,
+            recipe=info.get("recipe", "?"),
+            events=Counter(e.get("event", "?") for e in events),
+            last_event=events[-1] if events else None,
+            checkpoints=checkpoints,
+            cached_responses=count_responses(self.responses_db),
+            has_user_prompts=self.user_prompts_file.exists(),
+            has_nodes=self.nodes_file.exists(),
+            has_result=self.result_file.exists(),
+            has_report=self.report_file.exists(),
+        )
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _safe_name(name: str) -> str:
+    """``name`` usable as one path component (recipe names may be paths such as recipes/smoke.yaml)."""
+    stem = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "run"
+
+
+def _fresh_timestamped_dir(parent: Path) -> Path:
+    """Create and return ``parent/<UTC timestamp>``; runs started in the same second get -2, -3, ..."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%SZ")
+    parent.mkdir(parents=True, exist_ok=True)
+    path, n = parent / stamp, 1
+    while True:
+        try:
+            path.mkdir()  # atomic: two processes never claim the same folder
+            return path
+        except FileExistsError:
+            n += 1
+            path = parent / f"{stamp}-{n}"
+
+
+def _versions() -> dict:
+    versions = {"metaspo-hf": __version__, "python": sys.version.split()[0]}
+    for package in ("torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,103 @@
+"""The search and evaluation budgets: the recipe's `search:` and `evaluation:` sections.
+
+Defaults are the paper code's settings; each carries the reason it is what it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MetaspoError
+
+
+@dataclass
+class SearchBudget:
+    # The full bilevel method; the other registered names are its ablations and baselines.
+    method: str = "metaspo"
+    # The paper code runs 3 inner+outer iterations; scores plateau after that.
+    iterations: int = 3
+    # The paper code writes 9 system-prompt candidates per outer step.
+    system_candidates: int = 9
+    # The paper code writes 3 user-prompt candidates per task per inner step.
+    user_candidates: int = 3
+    # The paper code keeps the 3 best user prompts per task (and the SPRIG-style population size).
+    top_k: int = 3
+    # 50 training questions per task, as in the paper code: enough to rank prompts, cheap to score.
+    train_size: int = 50
+    # Up to 500 test questions per task, as in the paper code.
+    test_size: int = 500
+    # The paper code shows the optimizer 3 failures when rewriting one user prompt.
+    wrong_examples: int = 3
+    # The paper code gathers 2 failures from each task for the system-prompt analysis.
+    wrong_examples_per_task: int = 2
+    # The paper code's APE writes a user prompt from 10 input/output demos.
+    ape_demos: int = 10
+    # The paper code's MetaSPO-APE writes a system prompt from 5 demos of each task.
+    ape_demos_per_task: int = 5
+    # Two re-asks let a sampled optimizer fix its format; more would mostly burn calls.
+    max_parse_retries: int = 2
+    # Longer optimizer output is a runaway generation, not a prompt (paper prompts are < 2k chars).
+    max_prompt_chars: int = 4000
+    # The paper starts the search from the default assistant prompt.
+    initial_system_prompt: str = "You are a helpful assistant."
+    # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
+    sprig_max_components: int = 12
+
+    def __post_init__(self):
+        from .registry import get_method  # late: the registry imports the methods, which import this file
+
+        get_method(self.method, key="search.method")
+        for name in ("iterations", "system_candidates", "user_candidates", "top_k", "train_size", "test_size",
+                     "wrong_examples", "wrong_examples_per_task", "ape_demos", "ape_demos_per_task",
+                     "max_prompt_chars", "sprig_max_components"):
+            require_int("search", name, getattr(self, name), minimum=1)
+        require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
+        if not isinstance(self.initial_system_prompt, str):
+            raise MetaspoError(f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}")
+
+
+@dataclass
+class EvalBudget:
+    # The paper pairs each system prompt with 10 user prompts per unseen task.
+    user_prompts_per_task: int = 10
+    # A handful of input/output demos is enough for the optimizer to infer a task; keeps its context short.
+    demos: int = 5
+    # The paper's test-time adaptation runs ProTeGi for 6 iterations.
+    adapt_iterations: int = 6
+    # ProTeGi's beam of 3 user prompts, as in the paper code.
+    beam: int = 3
+    # Each beam prompt gets 3 rewrites per iteration, as in the paper code.
+    adapt_candidates: int = 3
+    # System prompts compared with MetaSPO's on unseen tasks: the paper's fixed baselines and searched ones.
+    compare: tuple[str, ...] = ("none", "default", "cot", "service", "outer_only", "sprig")
+    # Test-time adaptation starts from these system prompts besides MetaSPO's (the paper uses the default).
+    adapt_compare: tuple[str, ...] = ("default",)
+
+    def __post_init__(self):
+        for name in ("user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates"):
+            require_int("evaluation", name, getattr(self, name), minimum=1)
+        self.compare = check_labels("evaluation.compare", self.compare)
+        self.adapt_compare = check_labels("evaluation.adapt_compare", self.adapt_compare)
+
+
+def require_int(section: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MetaspoError(f"{section}.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise MetaspoError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def check_labels(key: str, labels) -> tuple[str, ...]:
+    """The labels as a tuple, each a fixed baseline prompt or a method that searches a system prompt."""
+    from ..errors import did_you_mean
+    from ..protocols import BASELINE_SYSTEM_PROMPTS
+    from .registry import system_prompt_methods
+
+    if isinstance(labels, str) or not all(isinstance(label, str) for label in labels):
+        raise MetaspoError(f"{key} must be a list of names, got {labels!r}")
+    known = [*BASELINE_SYSTEM_PROMPTS, *system_prompt_methods()]
+    for label in labels:
+        if label not in known:
+            raise MetaspoError(f"{key}: unknown system prompt {label!r}",
+                               hint=did_you_mean(label, known) or f"choose from {', '.join(known)}")
+    return tuple(labels)

@@ -1,0 +1,206 @@
+"""Turning optimizer output into a usable prompt, or a reason why it is not one.
+
+Small optimizer models misspell tags, forget to close them, wrap prompts in code fences or quotes,
+add "Here is the improved prompt:" preambles, loop on one phrase, or answer with a refusal. The
+policy (see docs/method.md):
+
+- the prompt is read from ``<prompt>`` tags; misspelled or decorated tag names (``<promt>``,
+  ``<improved_prompt>``, ``<Prompt>``) count, an unclosed tag runs to the next tag or the end;
+  with several blocks the last usable one wins; with no tag at all the whole reply (minus other
+  tagged blocks) is tried;
+- fences, quotes, preamble lines and heading lines are stripped;
+- empty, overlong, repetitive/garbled text, error messages and refusals are rejected;
+- a user prompt always leaves with exactly one ``{question}`` slot: placeholder variants
+  (``{{question}}``, ``{ Question }``, ``{input}``, ``{query}``...) are normalised, a missing slot is
+  appended after the prompt, extra slots become "the question" (repair, not rejection: the
+  prompt's wording is still a useful candidate, and the score decides whether it is kept);
+- a system prompt must not contain the slot: it becomes "the question".
+
+Nothing here raises on any input string.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zlib
+from dataclasses import dataclass
+
+from ..tasks.task import QUESTION_SLOT
+
+PROMPT_TAG = "prompt"
+ANALYSIS_TAG = "analysis"
+
+# A tag-like token: <name>, </name>, < name >, <improved_prompt>, <New Prompt>.
+_TAG_TOKEN = re.compile(r"<\s*(/?)\s*([A-Za-z][A-Za-z0-9_ \-]{0,40}?)\s*/?\s*>")
+_FENCE = re.compile(r"```[^\n`]*\n?(.*?)(?:```|$)", re.DOTALL)
+_SLOT_VARIANT = re.compile(r"\{+\s*(?:question|questions|query|input|problem|text)\s*\}+", re.IGNORECASE)
+# A line announcing the prompt ("Here is the improved prompt:", "Sure! A better version:").
+_PREAMBLE = re.compile(
+    r"^(?:(?:sure|certainly|okay|ok|of course|absolutely|great)\b.{0,100}"
+    r"|.{0,100}\b(?:prompt|instruction|version|rewrite|rewritten|revised|improved|updated)\b.{0,60}):$",
+    re.IGNORECASE,
+)
+# A bare heading line ("**Improved prompt**", "### New system prompt").
+_HEADING = re.compile(
+    r"^(?:the\s+)?(?:new|improved|revised|updated|rewritten|final|optimi[sz]ed|better|proposed)?\s*"
+    r"(?:system\s+|user\s+)?(?:prompt|instruction)s?\s*:?$",
+    re.IGNORECASE,
+)
+# A label in front of the prompt on its first line ("Improved prompt: Solve ...").
+_LEAD_LABEL = re.compile(
+    r"^[*_#\s]*(?:the\s+|my\s+)?(?:new|improved|revised|updated|rewritten|final|optimi[sz]ed|better|proposed)\s+"
+    r"(?:system\s+|user\s+)?(?:prompt|instruction)\s*[*_]*:[*_]*\s*",
+    re.IGNORECASE,
+)
+_ERROR = re.compile(
+    r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\s*:|\A\s*(?:error|exception|fatal)\b"
+    r"|\A\s*N/?A\b|out of memory|format wrong|internal server error",
+    re.IGNORECASE | re.MULTILINE,
+)
+_REFUSAL = re.compile(
+    r"\A\s*(?:I'?m sorry|I am sorry|sorry\b|I cannot|I can'?t|I can not|I am unable|I'?m unable|I won'?t"
+    r"|I will not|As an AI|Unfortunately)"
+    r"|I (?:cannot|can'?t|am unable to|'m unable to) (?:help|assist|comply|provide|fulfil)"
+    r"|I'?m sorry, but|as an AI (?:language )?model",
+    re.IGNORECASE,
+)
+_QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    prompt: str | None  # None: nothing usable
+    reason: str | None = None  # why nothing was usable
+
+
+def parse_prompt(text: str, kind: str, max_chars: int) -> Parsed:
+    """The prompt in an optimizer reply; ``kind`` is "user" (needs the slot) or "system"."""
+    blocks = tagged_blocks(text, PROMPT_TAG) or [_without_tagged_blocks(text)]
+    reasons = []
+    for block in reversed(blocks):  # the last block is usually the final answer, earlier ones drafts
+        cleaned = clean(block)
+        if not cleaned:
+            reasons.append("it was empty")
+            continue
+        prompt = fix_slot(cleaned) if kind == "user" else _SLOT_VARIANT.sub("the question", cleaned)
+        reason = reject_reason(prompt, max_chars)
+        if reason is None:
+            return Parsed(prompt)
+        reasons.append(reason)
+    return Parsed(None, reasons[0] if reasons else "it was empty")
+
+
+def parse_analysis(text: str, max_chars: int) -> str:
+    """The analysis in an optimizer reply, or "" when there is nothing usable (it only feeds a rewrite)."""
+    blocks = tagged_blocks(text, ANALYSIS_TAG) or [_without_tagged_blocks(text)]
+    for block in reversed(blocks):
+        cleaned = clean(block)[:max_chars]
+        if cleaned and reject_reason(cleaned, max_chars) is None:
+            return cleaned
+    return ""
+
+
+def tag_family(name: str) -> str | None:
+    """Which of our tags a (possibly misspelled or decorated) tag name stands for."""
+    letters = re.sub(r"[^a-z]", "", name.lower())
+    for tag in (ANALYSIS_TAG, PROMPT_TAG):
+        if letters.endswith(tag) or difflib.SequenceMatcher(None, letters, tag).ratio() >= 0.75:
+            return tag
+    # The paper code's own tag names for a rewritten prompt.
+    return PROMPT_TAG if letters.endswith("instruction") or letters.endswith("prompts") else None
+
+
+def tagged_blocks(text: str, tag: str) -> list[str]:
+    """The contents of every ``tag`` block; an unclosed block runs to the next known tag or the end."""
+    tokens = [(m, tag_family(m.group(2))) for m in _TAG_TOKEN.finditer(text)]
+    tokens = [(m, family) for m, family in tokens if family]
+    blocks = []
+    for i, (match, family) in enumerate(tokens):
+        if family == tag and not match.group(1):
+            end = tokens[i + 1][0].start() if i + 1 < len(tokens) else len(text)
+            blocks.append(text[match.end():end])
+    return blocks
+
+
+def _without_tagged_blocks(text: str) -> str:
+    """The reply with every block of some other known tag (e.g. an analysis) cut out, closed or not."""
+    pieces, open_family, start = [], None, 0
+    for match in _TAG_TOKEN.finditer(text):
+        family, closing = tag_family(match.group(2)), bool(match.group(1))
+        if family and open_family is None and not closing:
+            pieces.append(text[start:match.start()])
+            open_family = family
+        elif family and family == open_family and closing:
+            open_family, start = None, match.end()
+    if open_family is None:
+        pieces.append(text[start:])
+    return "".join(pieces)
+
+
+def clean(text: str) -> str:
+    """Strip code fences, stray tags, preamble and heading lines, labels, and wrapping quotes."""
+    fenced = [block for block in _FENCE.findall(text) if block.strip()]
+    if fenced:
+        text = max(fenced, key=len)
+    text = _TAG_TOKEN.sub(lambda m: "" if tag_family(m.group(2)) else m.group(0), text)
+    lines = text.strip().splitlines()
+    while lines and (not lines[0].strip() or _is_preamble(lines[0])):
+        lines.pop(0)
+    text = _LEAD_LABEL.sub("", "\n".join(lines).strip(), count=1)
+    for _ in range(2):  # quotes may be nested once: "'...'"
+        text = _unquote(text.strip())
+    return text.strip()
+
+
+def _is_preamble(line: str) -> bool:
+    bare = line.strip().strip("*#_ ").strip()
+    return QUESTION_SLOT not in bare and bool(_HEADING.match(bare) or _PREAMBLE.match(bare))
+
+
+def _unquote(text: str) -> str:
+    """The text without quotes around all of it (only when no other such quote is inside)."""
+    for opening, closing in _QUOTES:
+        inner = text[1:-1]
+        if len(text) >= 2 and text[0] == opening and text[-1] == closing and opening not in inner and closing not in inner:
+            return inner
+    return text
+
+
+def fix_slot(prompt: str) -> str:
+    """The prompt with exactly one ``{question}`` slot (see the module docstring)."""
+    prompt = _SLOT_VARIANT.sub(QUESTION_SLOT, prompt)
+    if QUESTION_SLOT not in prompt:
+        return f"{prompt}\n\n{QUESTION_SLOT}"
+    first, rest = prompt.split(QUESTION_SLOT, 1)
+    return first + QUESTION_SLOT + rest.replace(QUESTION_SLOT, "the question")
+
+
+def reject_reason(prompt: str, max_chars: int) -> str | None:
+    """Why ``prompt`` cannot be used as a prompt, or None when it can."""
+    if not prompt.strip():
+        return "it was empty"
+    if len(prompt) > max_chars:
+        return f"it was longer than {max_chars} characters"
+    if _ERROR.search(prompt):
+        return "it looked like an error message"
+    if _REFUSAL.search(prompt):
+        return "it was a refusal"
+    if _is_garbled(prompt):
+        return "it was repetitive or garbled"
+    return None
+
+
+def _is_garbled(text: str) -> bool:
+    body = text.replace(QUESTION_SLOT, " ")
+    visible = [c for c in body if not c.isspace()]
+    if visible and sum(c.isalpha() for c in visible) < 0.5 * len(visible):
+        return True  # mostly symbols or digits
+    data = body.encode()
+    if len(data) >= 200 and len(zlib.compress(data)) < 0.15 * len(data):
+        return True  # one phrase looping: English prose compresses to about half, loops to a few percent
+    words = body.lower().split()
+    if len(words) >= 8 and len(set(words)) < 0.25 * len(words):
+        return True
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    return len(lines) >= 4 and len(set(lines)) <= len(lines) // 2

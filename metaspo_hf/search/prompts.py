@@ -1,0 +1,107 @@
+"""The optimizer's requests: meta-prompt templates (``templates/*.txt``) filled with failures or demos.
+
+Every request is a chat with the same optimizer system turn, so the engine shares its KV cache.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from string import Template
+
+from ..models.base import Chat, make_chat
+from ..tasks.task import Example
+from .scorer import WrongExample
+
+# Long questions and rambling responses are cut so that many failures fit in a small model's context.
+MAX_QUESTION_CHARS = 1500
+MAX_RESPONSE_CHARS = 800
+
+
+@cache
+def template(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+def _request(name: str, **fields: str) -> Chat:
+    return make_chat(template("optimizer_role"), Template(template(name)).substitute(fields))
+
+
+def user_analysis(system_prompt: str, user_prompt: str, wrong: list[WrongExample]) -> Chat:
+    return _request("user_analysis", system_prompt=_or_none(system_prompt), user_prompt=user_prompt,
+                    failures=format_failures(wrong))
+
+
+def user_rewrite(system_prompt: str, user_prompt: str, wrong: list[WrongExample], analysis: str) -> Chat:
+    return _request("user_rewrite", system_prompt=_or_none(system_prompt), user_prompt=user_prompt,
+                    failures=format_failures(wrong), analysis=analysis or "(no analysis available)")
+
+
+def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]]) -> Chat:
+    return _request("system_analysis", system_prompt=_or_none(system_prompt), failures=format_task_failures(wrong))
+
+
+def system_rewrite(system_prompt: str, analysis: str) -> Chat:
+    return _request("system_rewrite", system_prompt=_or_none(system_prompt),
+                    analysis=analysis or "(no analysis available)")
+
+
+def ape_user(demos: list[Example]) -> Chat:
+    return _request("ape_user", demos=format_demos(demos))
+
+
+def ape_system(demos: list[Example]) -> Chat:
+    return _request("ape_system", demos=format_demos(demos))
+
+
+def ape_resample(user_prompt: str) -> Chat:
+    return _request("ape_resample", user_prompt=user_prompt)
+
+
+def sprig_rephrase(component: str) -> Chat:
+    return _request("sprig_rephrase", component=component)
+
+
+def with_format_reminder(chat: Chat, reason: str, kind: str) -> Chat:
+    """The same request, with a note on why the last reply was unusable (for a re-ask)."""
+    what = "user prompt template" if kind == "user" else "system prompt"
+    note = Template(template("format_reminder")).substitute(reason=reason, what=what)
+    *head, last = chat
+    return [*head, {**last, "content": f"{last['content']}\n\n{note}"}]
+
+
+def format_failures(wrong: list[WrongExample]) -> str:
+    if not wrong:
+        return "(none: every training question was answered correctly)"
+    return "\n\n".join(
+        f"## Wrong answer {i}\nQuestion:\n{_cut(w.question, MAX_QUESTION_CHARS)}\n"
+        f"Model's response:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\nCorrect answer: {_gold(w.answers)}"
+        for i, w in enumerate(wrong, 1)
+    )
+
+
+def format_task_failures(wrong: list[tuple[str, WrongExample]]) -> str:
+    """Failures from several tasks; each shows the full user message, since user prompts differ by task."""
+    if not wrong:
+        return "(none: every training question was answered correctly)"
+    return "\n\n".join(
+        f"## Wrong answer {i} (task: {task})\nUser message:\n{_cut(w.user_text, MAX_QUESTION_CHARS)}\n"
+        f"Model's response:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\nCorrect answer: {_gold(w.answers)}"
+        for i, (task, w) in enumerate(wrong, 1)
+    )
+
+
+def format_demos(demos: list[Example]) -> str:
+    return "\n\n".join(f"Input:\n{_cut(ex.question, MAX_QUESTION_CHARS)}\nOutput:\n{_gold(ex.answers)}" for ex in demos)
+
+
+def _gold(answers: tuple[str, ...]) -> str:
+    return " or ".join(answers)
+
+
+def _or_none(system_prompt: str) -> str:
+    return system_prompt or "(no system prompt)"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"

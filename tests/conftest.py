@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: more threads only add contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tiny import tiny_tokenizer as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    from tiny import tiny_model
+
+    return tiny_model(tiny_tokenizer, "llama")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test writes caches under a temporary folder, except converted models, which are shared
+    across tests (and runs) because converting the embedded GGUF takes ~20 s."""
+    monkeypatch.setenv("METASPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,118 @@
+"""The generation engine on tiny random-weight models: identity with plain `generate`, stops, sampling."""
+
+import pytest
+import torch
+
+from metaspo_hf.models.base import GenerationSettings, make_chat
+from metaspo_hf.models.engine import HFEngine
+
+QUESTIONS = [
+    "What is two plus two?",
+    "Name a color.",
+    "Is the sky blue? Answer yes or no.",
+    "Sort these words: pear apple fig.",
+    "hi",
+    "Count the letters in the word assistant, please.",
+    "Which is larger, 7 or 12?",
+    "Say the alphabet backwards from z to t, separated by commas.",
+]
+SYSTEMS = ["You are a helpful assistant.", "Think step by step and keep answers short. " * 4, None]
+
+
+def plain_generate(model, tokenizer, chats, max_new_tokens):
+    """Reference: transformers' own batched greedy generate with left padding."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return [tokenizer.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+
+@pytest.mark.parametrize(
+    "batch_size,n_chats,system_ids", [(1, 3, [0]), (3, 7, [0, 1]), (8, 8, [1]), (4, 11, [0, 1, 2])]
+)
+def test_prefix_reuse_is_token_identical_to_plain_batched_generate(
+    tiny_llama, tiny_tokenizer, batch_size, n_chats, system_ids
+):
+    chats = [
+        make_chat(SYSTEMS[system_ids[i % len(system_ids)]], QUESTIONS[i % len(QUESTIONS)] + " x" * i)
+        for i in range(n_chats)
+    ]
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=batch_size, progress=False)
+    got = engine.generate(chats, GenerationSettings(max_new_tokens=12))
+    # The reference runs each system-prompt group as one batch, as the engine groups them.
+    for system_id in set(system_ids):
+        members = [i for i in range(n_chats) if system_ids[i % len(system_ids)] == system_id]
+        want = plain_generate(tiny_llama, tiny_tokenizer, [chats[i] for i in members], 12)
+        assert [got[i] for i in members] == want
+    assert engine.stats.prompts == n_chats
+    assert engine.stats.generated_tokens > 0
+
+
+def test_prefix_reuse_shares_the_system_prompt(tiny_llama, tiny_tokenizer):
+    chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS]
+    reused = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    plain = HFEngine(tiny_llama, tiny_tokenizer, "tiny", prefix_reuse=False, progress=False)
+    settings = GenerationSettings(max_new_tokens=6)
+    assert reused.generate(chats, settings) == plain.generate(chats, settings)
+    # The shared prefix is prefilled once instead of once per row.
+    assert reused.stats.prefill_tokens < plain.stats.prefill_tokens
+
+
+def test_other_architecture_without_prefix_reuse_still_matches(tiny_tokenizer):
+    from tiny import tiny_model
+
+    model = tiny_model(tiny_tokenizer, "qwen2", seed=1)
+    chats = [make_chat(SYSTEMS[0], q) for q in QUESTIONS[:5]]
+    engine = HFEngine(model, tiny_tokenizer, "tiny-qwen", batch_size=2, progress=False)
+    assert engine.generate(chats, GenerationSettings(max_new_tokens=8)) == plain_generate(
+        model, tiny_tokenizer, chats, 8
+    )
+
+
+def test_stop_string_ends_generation_and_is_kept(tiny_llama, tiny_tokenizer):
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    chat = [make_chat(SYSTEMS[0], QUESTIONS[3])]
+    full = engine.generate(chat, GenerationSettings(max_new_tokens=30))[0]
+    assert len(full) > 6
+    stop = full[3:6]
+    before = engine.stats.generated_tokens
+    stopped = engine.generate(chat, GenerationSettings(max_new_tokens=30, stop=(stop,)))[0]
+    assert stopped == full[: full.index(stop) + len(stop)]
+    assert engine.stats.generated_tokens - before < before  # fewer decode steps than the full run
+
+
+def test_max_new_tokens_is_respected(tiny_llama, tiny_tokenizer):
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    short = engine.generate([make_chat(None, "hello")], GenerationSettings(max_new_tokens=5))[0]
+    assert engine.stats.generated_tokens <= 5
+    longer = engine.generate([make_chat(None, "hello")], GenerationSettings(max_new_tokens=10))[0]
+    assert longer.startswith(short) and len(longer) > len(short)
+
+
+def test_sampling_is_seeded_per_row_and_independent_of_batching(tiny_llama, tiny_tokenizer):
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.0, seed=7)
+    chats = [make_chat(SYSTEMS[0], "write a prompt")] * 3 + [make_chat(SYSTEMS[1], "another")]
+    one = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=1, progress=False).generate(chats, settings)
+    many = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=4, progress=False).generate(
+        chats, settings
+    )
+    assert one == many
+    assert len(set(one[:3])) > 1  # identical chats in one call get different samples
+    reseeded = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False).generate(
+        chats, GenerationSettings(max_new_tokens=10, temperature=1.0, seed=8)
+    )
+    assert reseeded != one
+
+
+def test_top_p_keeps_samples_within_the_nucleus(tiny_llama, tiny_tokenizer):
+    # With a tiny nucleus, sampling degenerates to greedy decoding.
+    greedy = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False).generate(
+        [make_chat(None, "abc")], GenerationSettings(max_new_tokens=8)
+    )
+    nucleus = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False).generate(
+        [make_chat(None, "abc")], GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1e-6)
+    )
+    assert nucleus == greedy

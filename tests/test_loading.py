@@ -1,0 +1,90 @@
+"""Model sources, role sharing, GGUF conversion cache, and the embedded default model."""
+
+import time
+
+import pytest
+import torch
+
+from metaspo_hf.errors import MetaspoError
+from metaspo_hf.models import loading
+from metaspo_hf.models.base import GenerationSettings, make_chat
+from metaspo_hf.models.loading import ModelSpec, load_engines, resolve_source
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sources_are_recognised(tmp_path, tiny_folder):
+    assert resolve_source(ModelSpec(name_or_path="smollm2-135m-instruct")).kind == "packaged"
+    assert resolve_source(ModelSpec(name_or_path=str(tiny_folder))).kind == "folder"
+    assert resolve_source(ModelSpec(name_or_path="Qwen/Qwen2.5-7B-Instruct")).kind == "hub"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    source = resolve_source(ModelSpec(name_or_path=str(gguf)))
+    assert (source.kind, source.gguf_file) == ("gguf", "m.gguf")
+
+
+@pytest.mark.parametrize("name", ["./missing-folder", "/nowhere/model.gguf", "missing.gguf"])
+def test_missing_local_model_is_a_clear_error(name):
+    with pytest.raises(MetaspoError, match="not found"):
+        resolve_source(ModelSpec(name_or_path=name))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_quantization_without_cuda_is_refused(tiny_folder):
+    with pytest.raises(MetaspoError, match="needs a CUDA GPU"):
+        loading.load_model(ModelSpec(name_or_path=str(tiny_folder), quantization="4bit"))
+
+
+def test_roles_share_one_model_when_the_recipe_names_the_same(tiny_folder):
+    spec = ModelSpec(name_or_path=str(tiny_folder))
+    base, optimizer = load_engines(spec, None, progress=False)
+    assert base is optimizer
+    base, optimizer = load_engines(spec, ModelSpec(name_or_path=str(tiny_folder)), progress=False)
+    assert base is optimizer
+    base, optimizer = load_engines(
+        spec, ModelSpec(name_or_path=str(tiny_folder), dtype="bfloat16"), progress=False
+    )
+    assert base is not optimizer
+
+
+def test_offline_hub_miss_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MetaspoError, match="could not load model"):
+        loading.load_model(ModelSpec(name_or_path="nobody/no-such-model-xyz"))
+
+
+@pytest.mark.smollm
+def test_packaged_default_loads_offline_generates_and_caches_the_conversion(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32")
+    conversions = []
+    real_convert = loading._converted_gguf
+
+    def spy(source, spec):
+        conversions.append(source)
+        return real_convert(source, spec)
+
+    monkeypatch.setattr(loading, "_converted_gguf", spy)
+    started = time.perf_counter()
+    first, _ = load_engines(spec, None, progress=False)
+    first_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    second, _ = load_engines(spec, None, progress=False)
+    second_seconds = time.perf_counter() - started
+    print(f"first load {first_seconds:.1f}s, second load {second_seconds:.1f}s")
+    folders = {str(real_convert(s, spec)) for s in conversions}
+    assert len(folders) == 1  # the second load found the converted copy in the cache
+    answer = second.generate(
+        [make_chat("You are a helpful assistant.", "What is the capital of France?")],
+        GenerationSettings(max_new_tokens=16),
+    )[0]
+    assert "Paris" in answer

@@ -1,0 +1,96 @@
+"""Recipes: inheritance, overrides, and errors that name the file, the key and the value."""
+
+import pytest
+
+from metaspo_hf.errors import MetaspoError
+from metaspo_hf.recipe import list_recipes, load_recipe
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads():
+    names = {p.stem for p in list_recipes()}
+    assert {
+        "smollm2-135m-cpu",
+        "llama-3.2-3b-instruct",
+        "llama-3.1-8b-instruct-nf4",
+        "qwen2.5-7b-instruct-nf4",
+    } <= names
+    for path in list_recipes():
+        recipe = load_recipe(str(path))
+        assert recipe.name == path.stem
+
+
+def test_gpu_recipes_keep_the_paper_budget():
+    for name in ("llama-3.2-3b-instruct", "llama-3.1-8b-instruct-nf4", "qwen2.5-7b-instruct-nf4"):
+        s = load_recipe(name).search
+        assert (s.iterations, s.system_candidates, s.user_candidates, s.top_k, s.train_size) == (
+            3,
+            9,
+            3,
+            3,
+            50,
+        )
+    assert load_recipe("llama-3.1-8b-instruct-nf4").model.quantization == "4bit"
+
+
+def test_inherit_merges_sections_and_child_wins(tmp_path):
+    write(tmp_path, "search:\n  iterations: 5\n  top_k: 2\nseed: 3\n", "_base.yaml")
+    recipe = load_recipe(str(write(tmp_path, "inherit: _base.yaml\nsearch:\n  top_k: 1\n")))
+    assert (recipe.search.iterations, recipe.search.top_k, recipe.seed) == (5, 1, 3)
+
+
+def test_overrides_are_typed_and_applied_last(tmp_path):
+    path = write(tmp_path, "search:\n  iterations: 5\n")
+    recipe = load_recipe(
+        str(path), ["search.iterations=2", "model.dtype=bfloat16", "generation.base.stop=['</a>']"]
+    )
+    assert recipe.search.iterations == 2 and recipe.model.dtype == "bfloat16"
+    assert recipe.generation.base.stop == ["</a>"]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("serch:\n  iterations: 2\n", "unknown key 'serch'"),
+        ("search:\n  iteratons: 2\n", "unknown key 'search.iteratons'"),
+        ("search:\n  iterations: three\n", "search.iterations"),
+        ("search:\n  iterations: 0\n", "search.iterations must be >= 1, got 0"),
+        ("model:\n  quantization: 3bit\n", "model.quantization must be one of"),
+        ("model:\n  batch_size: -4\n", "model.batch_size must be >= 1, got -4"),
+        ("generation:\n  base:\n    temperature: -1\n", "generation.base.temperature must be >= 0"),
+        ("seed: [1, 2]\n", "seed must be int"),
+        ("model: [1]\n", "model must be a mapping"),
+        ("search: {iterations: 2\n", "invalid YAML"),
+    ],
+)
+def test_bad_recipes_name_the_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(MetaspoError) as err:
+        load_recipe(str(path))
+    line = err.value.one_line()
+    assert expected in line and str(path) in line and "\n" not in line
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(MetaspoError) as err:
+        load_recipe(str(write(tmp_path, "search:\n  iteratons: 2\n")))
+    assert "did you mean 'iterations'" in err.value.one_line()
+
+
+def test_missing_recipe_suggests_a_close_name():
+    with pytest.raises(MetaspoError) as err:
+        load_recipe("smollm2-135m-cp")
+    assert "smollm2-135m-cpu" in err.value.one_line()
+
+
+def test_fingerprint_ignores_where_the_run_is_written(tmp_path):
+    path = write(tmp_path, "seed: 1\n")
+    a = load_recipe(str(path))
+    b = load_recipe(str(path), ["output_dir=elsewhere"])
+    c = load_recipe(str(path), ["seed=2"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()

@@ -1,0 +1,218 @@
+"""report.md, CSVs, plots and exports rebuilt from a synthetic result.json; seed comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import statistics
+
+import pytest
+from matplotlib.image import imread
+
+from metaspo_hf.errors import MetaspoError
+from metaspo_hf.report import CANONICAL_LABELS, compare_runs, validate_result, write_report
+from metaspo_hf.runs import write_json_atomic
+
+TASKS = ("logical_deduction", "object_counting", "navigate")
+LABELS = (*CANONICAL_LABELS, "my_prompt")
+
+
+def synthetic_result(seed: int = 0, recipe: str = "smoke") -> dict:
+    rng = random.Random(seed)
+    scores = {
+        task: {
+            label: {"mean": round(rng.random(), 4), "sd": round(rng.random() / 5, 4), "n": 10}
+            for label in LABELS
+        }
+        for task in TASKS
+    }
+    return {
+        "recipe": recipe,
+        "model": "smollm2-135m",
+        "seed": seed,
+        "method": "metaspo",
+        "optimized_system_prompt": f"Think before answering (seed {seed}); put the answer in tags.",
+        "system_prompts": {label: f"prompt for {label}" for label in LABELS},
+        "scores": scores,
+        "overall": {label: statistics.fmean(scores[t][label]["mean"] for t in TASKS) for label in LABELS},
+        "adaptation": {
+            task: {"default": [rng.random() for _ in range(4)], "metaspo": [rng.random() for _ in range(4)]}
+            for task in TASKS[:2]
+        },
+        "meta_train": {
+            method: [
+                {
+                    "iteration": i,
+                    "incumbent_score": 0.3 + 0.1 * i,
+                    "best_candidate_score": 0.35 + 0.1 * i,
+                    "adopted": i % 2 == 0,
+                }
+                for i in range(1, 4)
+            ]
+            for method in ("metaspo", "outer_only")
+        },
+        "costs": {
+            "base_generations": 1200 + seed,
+            "generated_tokens": 45678,
+            "prefill_tokens": 123456,
+            "optimizer_calls": 42,
+            "cache_hits": 7,
+            "seconds": 321.5,
+        },
+        "wall_seconds": 3725.0,
+    }
+
+
+def write_run(folder, result):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "result.json", result)
+    return folder
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_report_holds_every_task_label_and_number(tmp_path):
+    result = synthetic_result()
+    report = write_report(write_run(tmp_path, result))
+    text = report.read_text()
+
+    assert result["optimized_system_prompt"] in text
+    for task, by_label in result["scores"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")][1:]
+        assert cells == [f"{s['mean']:.3f} ± {s['sd']:.3f} (n={s['n']})" for s in by_label.values()]
+        best = max(by_label.values(), key=lambda s: s["mean"])
+        assert f"**{best['mean']:.3f} ± {best['sd']:.3f} (n=10)**" in row
+        assert row.count("**") == 2, "only the best cell of a row is bold"
+    header = next(line for line in text.splitlines() if line.startswith("| task |"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == list(LABELS)
+    overall_row = next(line for line in text.splitlines() if line.startswith("| **overall** |"))
+    for value in result["overall"].values():
+        assert f"{value:.3f}" in overall_row
+    assert "1,200" in text and "45,678" in text and "1:02:05" in text  # costs and the wall time
+    for name in ("unseen_generalization.png", "test_time_adaptation.png", "meta_train.png", "scores.csv"):
+        assert f"({name})" in text
+
+
+def test_plots_open_and_csvs_match_the_data(tmp_path):
+    result = synthetic_result(seed=1)
+    write_report(write_run(tmp_path, result))
+    for name in ("unseen_generalization.png", "test_time_adaptation.png", "meta_train.png"):
+        image = imread(tmp_path / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+
+    rows = read_csv(tmp_path / "scores.csv")
+    assert len(rows) == len(TASKS) * len(LABELS)
+    for row in rows:
+        expected = result["scores"][row["task"]][row["label"]]
+        assert float(row["mean"]) == expected["mean"] and float(row["sd"]) == expected["sd"]
+    adaptation = read_csv(tmp_path / "adaptation.csv")
+    assert [float(r["score"]) for r in adaptation if r["task"] == TASKS[0] and r["label"] == "metaspo"] == (
+        result["adaptation"][TASKS[0]]["metaspo"]
+    )
+    assert len(read_csv(tmp_path / "meta_train.csv")) == 6
+
+
+def test_exports_hold_the_optimized_prompt(tmp_path):
+    result = synthetic_result()
+    nodes = [{"id": 0, "system_prompt": "You are a helpful assistant.", "score": 0.4, "parent": None}]
+    write_json_atomic(tmp_path / "nodes.json", {"metaspo": nodes, "outer_only": [{"id": 9}]})
+    write_report(write_run(tmp_path, result))
+    prompt = result["optimized_system_prompt"]
+    assert (tmp_path / "system_prompt.txt").read_text() == prompt + "\n"
+    assert f'SYSTEM """{prompt}"""' in (tmp_path / "Modelfile").read_text()
+    messages = json.loads((tmp_path / "chat_template_snippet.json").read_text())["messages"]
+    assert messages[0] == {"role": "system", "content": prompt} and messages[1]["role"] == "user"
+    assert json.loads((tmp_path / "metaspo_result.json").read_text()) == {
+        "optimized_system_prompt": prompt,
+        "nodes": nodes,
+    }
+
+
+def test_empty_sections_skip_their_plots_and_say_so(tmp_path):
+    write_report(write_run(tmp_path, synthetic_result()))
+    assert (tmp_path / "meta_train.png").exists()
+    result = synthetic_result()
+    result.update(adaptation={}, meta_train={"metaspo": []})
+    text = write_report(write_run(tmp_path, result)).read_text()
+    assert not (tmp_path / "test_time_adaptation.png").exists(), "a stale plot is removed"
+    assert not (tmp_path / "meta_train.png").exists()
+    assert "no test-time adaptation" in text and "no meta-training history" in text
+    assert (tmp_path / "unseen_generalization.png").exists()
+    assert read_csv(tmp_path / "adaptation.csv") == []
+
+
+def test_prompt_with_backticks_stays_inside_its_fence(tmp_path):
+    result = synthetic_result()
+    result["optimized_system_prompt"] = "Answer in ```code``` blocks."
+    text = write_report(write_run(tmp_path, result)).read_text()
+    assert "````text\nAnswer in ```code``` blocks.\n````" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (("costs", "cache_hits"), "missing key 'costs.cache_hits'"),
+        (("scores", TASKS[0], "metaspo", "sd"), f"missing key 'scores.{TASKS[0]}.metaspo.sd'"),
+        (("optimized_system_prompt",), "missing key 'optimized_system_prompt'"),
+    ],
+)
+def test_validate_result_names_the_missing_key(path, message):
+    result = synthetic_result()
+    container = result
+    for key in path[:-1]:
+        container = container[key]
+    del container[path[-1]]
+    with pytest.raises(MetaspoError) as caught:
+        validate_result(result)
+    assert message in caught.value.message
+
+
+def test_validate_result_names_a_wrongly_typed_value():
+    result = synthetic_result()
+    result["scores"][TASKS[1]]["cot"]["n"] = "ten"
+    with pytest.raises(MetaspoError, match=f"'scores.{TASKS[1]}.cot.n' should be an integer"):
+        validate_result(result)
+
+
+def test_report_on_an_unfinished_run_is_a_clear_error(tmp_path):
+    with pytest.raises(MetaspoError, match="result.json does not exist"):
+        write_report(tmp_path)
+
+
+def test_compare_runs_computes_mean_and_sd_across_seeds(tmp_path):
+    results = [synthetic_result(seed) for seed in (1, 2, 3)]
+    folders = [write_run(tmp_path / f"seed{r['seed']}", r) for r in results]
+    report = compare_runs(folders, tmp_path / "comparison")
+
+    rows = {(r["task"], r["label"]): r for r in read_csv(tmp_path / "comparison" / "comparison.csv")}
+    for label in LABELS:
+        values = [r["overall"][label] for r in results]
+        row = rows[("overall", label)]
+        assert float(row["mean"]) == pytest.approx(statistics.mean(values))
+        assert float(row["sd"]) == pytest.approx(statistics.stdev(values))
+        assert row["n_seeds"] == "3"
+        task_values = [r["scores"][TASKS[2]][label]["mean"] for r in results]
+        assert float(rows[(TASKS[2], label)]["sd"]) == pytest.approx(statistics.stdev(task_values))
+
+    text = report.read_text()
+    margins = [r["overall"]["metaspo"] - r["overall"]["cot"] for r in results]
+    cot_row = next(line for line in text.splitlines() if line.startswith("| cot |"))
+    assert f"{statistics.mean(margins):.3f} ± {statistics.stdev(margins):.3f} (3 seeds)" in cot_row
+    seed_sd = statistics.stdev(r["overall"]["metaspo"] for r in results)
+    assert cot_row.rstrip(" |").endswith("yes" if statistics.mean(margins) > seed_sd else "no")
+    assert imread(tmp_path / "comparison" / "comparison.png").shape[0] > 100
+
+
+def test_compare_runs_refuses_mixed_recipes_and_repeated_seeds(tmp_path):
+    a = write_run(tmp_path / "a", synthetic_result(1, recipe="smoke"))
+    b = write_run(tmp_path / "b", synthetic_result(2, recipe="qwen"))
+    c = write_run(tmp_path / "c", synthetic_result(1, recipe="smoke"))
+    with pytest.raises(MetaspoError, match="different recipes"):
+        compare_runs([a, b], tmp_path / "out")
+    with pytest.raises(MetaspoError, match="seed 1"):
+        compare_runs([a, c], tmp_path / "out")
