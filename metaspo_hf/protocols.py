@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean, stdev
-from typing import Sequence
 
 from .errors import MetaspoError
 from .models.base import LM, stable_hash
@@ -27,22 +27,25 @@ from .search.writer import PromptWriter
 from .tasks.task import QUESTION_SLOT, Task
 
 SERVICE_SYSTEM_PROMPT = """\
-You are the virtual assistant of a technology company, available to customers and staff around the clock. \
-Your job is to understand what each person needs and to help them reach a correct, useful result as quickly as \
-possible.
+You are the virtual assistant of a technology company, available to customers and staff around the \
+clock. Your job is to understand what each person needs and to help them reach a correct, useful result \
+as quickly as possible.
 
-Before you answer, make sure you understand the request. If it contains several questions, address each of them. \
-If important information is missing and you cannot reasonably assume it, say what is missing; otherwise state the \
-assumption you made and continue. Base your answers on the information in the conversation and on well-established \
-knowledge, and never invent facts, figures, sources or product details.
+Before you answer, make sure you understand the request. If it contains several questions, address each \
+of them. If important information is missing and you cannot reasonably assume it, say what is missing; \
+otherwise state the assumption you made and continue. Base your answers on the information in the \
+conversation and on well-established knowledge, and never invent facts, figures, sources or product \
+details.
 
-Write in a friendly, professional tone. Be concise: lead with the answer, then give the explanation or the steps \
-that support it. Use numbered steps for procedures and short lists where they make an answer easier to scan. \
-Match the language and the level of detail of the person you are helping, and follow any format they ask for.
+Write in a friendly, professional tone. Be concise: lead with the answer, then give the explanation or \
+the steps that support it. Use numbered steps for procedures and short lists where they make an answer \
+easier to scan. Match the language and the level of detail of the person you are helping, and follow any \
+format they ask for.
 
-Protect people's privacy and safety. Do not ask for or repeat passwords, payment details or other sensitive \
-personal data. Decline requests that could cause harm, explain briefly why, and suggest a safe alternative when \
-there is one. When a request is outside what you can do, say so plainly and point to where help can be found.
+Protect people's privacy and safety. Do not ask for or repeat passwords, payment details or other \
+sensitive personal data. Decline requests that could cause harm, explain briefly why, and suggest a safe \
+alternative when there is one. When a request is outside what you can do, say so plainly and point to \
+where help can be found.
 
 Before you finish, check that your answer is accurate, complete and consistent with what was asked."""
 
@@ -55,8 +58,15 @@ BASELINE_SYSTEM_PROMPTS: dict[str, str] = {
 }
 
 
-def write_user_prompts(tasks: Sequence[Task], optimizer: LM, n: int, seed: int, demos: int,
-                       search: SearchBudget | None = None, on_event: EventSink | None = None) -> dict[str, list[str]]:
+def write_user_prompts(
+    tasks: Sequence[Task],
+    optimizer: LM,
+    n: int,
+    seed: int,
+    demos: int,
+    search: SearchBudget | None = None,
+    on_event: EventSink | None = None,
+) -> dict[str, list[str]]:
     """About ``n`` user prompts per task, each written by the optimizer from ``demos`` training pairs.
 
     All requests go in one optimizer batch (re-asks for unusable replies in one more each). Failed and
@@ -68,16 +78,23 @@ def write_user_prompts(tasks: Sequence[Task], optimizer: LM, n: int, seed: int, 
     texts = writer.prompts(chats, "user", "unseen")
     written = {}
     for i, task in enumerate(tasks):
-        kept = list(dict.fromkeys(t for t in texts[i * n:(i + 1) * n] if t is not None))
+        kept = list(dict.fromkeys(t for t in texts[i * n : (i + 1) * n] if t is not None))
         written[task.name] = kept or [task.initial_prompt]
     if on_event:
-        on_event({"event": "user_prompts_written", "prompts_per_task": {k: len(v) for k, v in written.items()},
-                  **writer.counts()})
+        on_event(
+            {
+                "event": "user_prompts_written",
+                "prompts_per_task": {k: len(v) for k, v in written.items()},
+                **writer.counts(),
+            }
+        )
     return written
 
 
 def _demos(task: Task, k: int, seed: int, j: int):
-    return random.Random(stable_hash(seed, "user_prompts", task.name, j)).sample(task.train, min(k, len(task.train)))
+    return random.Random(stable_hash(seed, "user_prompts", task.name, j)).sample(
+        task.train, min(k, len(task.train))
+    )
 
 
 def save_user_prompts(path: str | Path, user_prompts: dict[str, list[str]]) -> None:
@@ -93,17 +110,28 @@ def load_user_prompts(path: str | Path) -> dict[str, list[str]]:
     if not isinstance(data, dict):
         raise MetaspoError(f"{path}: expected an object mapping task names to lists of user prompts")
     for task, task_prompts in data.items():
-        if not isinstance(task_prompts, list) or not task_prompts or not all(isinstance(p, str) for p in task_prompts):
+        if (
+            not isinstance(task_prompts, list)
+            or not task_prompts
+            or not all(isinstance(p, str) for p in task_prompts)
+        ):
             raise MetaspoError(f"{path}: task {task!r} needs a non-empty list of user prompts")
         for p in task_prompts:
             if QUESTION_SLOT not in p:
-                raise MetaspoError(f"{path}: a user prompt of task {task!r} has no {QUESTION_SLOT} slot: {p[:60]!r}")
+                raise MetaspoError(
+                    f"{path}: a user prompt of task {task!r} has no {QUESTION_SLOT} slot: {p[:60]!r}"
+                )
     return data
 
 
-def unseen_generalization(tasks: Sequence[Task], system_prompts: dict[str, str], user_prompts: dict[str, list[str]],
-                          base: LM, test_size: int | None = None,
-                          on_event: EventSink | None = None) -> dict[str, dict[str, dict]]:
+def unseen_generalization(
+    tasks: Sequence[Task],
+    system_prompts: dict[str, str],
+    user_prompts: dict[str, list[str]],
+    base: LM,
+    test_size: int | None = None,
+    on_event: EventSink | None = None,
+) -> dict[str, dict[str, dict]]:
     """Task -> label -> {"mean", "sd", "n", "scores"}: each user prompt's test score is one sample.
 
     One base batch per task covers every system prompt x user prompt x test question.
@@ -113,23 +141,38 @@ def unseen_generalization(tasks: Sequence[Task], system_prompts: dict[str, str],
     for task in tasks:
         task_prompts = user_prompts.get(task.name)
         if not task_prompts:
-            raise MetaspoError(f"no user prompts for unseen task {task.name!r}",
-                               hint="write them with write_user_prompts and save them with the run")
+            raise MetaspoError(
+                f"no user prompts for unseen task {task.name!r}",
+                hint="write them with write_user_prompts and save them with the run",
+            )
         examples = _test_examples(task, test_size)
-        trials = [Trial(system, user, task, examples) for system in system_prompts.values() for user in task_prompts]
+        trials = [
+            Trial(system, user, task, examples) for system in system_prompts.values() for user in task_prompts
+        ]
         means = iter(score.mean for score in scorer(trials, desc=f"unseen {task.name}"))
-        results[task.name] = {label: summarize([next(means) for _ in task_prompts]) for label in system_prompts}
+        results[task.name] = {
+            label: summarize([next(means) for _ in task_prompts]) for label in system_prompts
+        }
         if on_event:
-            on_event({"event": "unseen_generalization", "task": task.name,
-                      "scores": {label: s["mean"] for label, s in results[task.name].items()},
-                      "base_generations": scorer.generations})
+            on_event(
+                {
+                    "event": "unseen_generalization",
+                    "task": task.name,
+                    "scores": {label: s["mean"] for label, s in results[task.name].items()},
+                    "base_generations": scorer.generations,
+                }
+            )
     return results
 
 
 def summarize(scores: list[float]) -> dict:
     """Mean and sample standard deviation (0 for a single sample) of per-user-prompt scores."""
-    return {"mean": fmean(scores), "sd": stdev(scores) if len(scores) > 1 else 0.0, "n": len(scores),
-            "scores": scores}
+    return {
+        "mean": fmean(scores),
+        "sd": stdev(scores) if len(scores) > 1 else 0.0,
+        "n": len(scores),
+        "scores": scores,
+    }
 
 
 def overall_scores(results: dict[str, dict[str, dict]]) -> dict[str, float]:
@@ -138,9 +181,17 @@ def overall_scores(results: dict[str, dict[str, dict]]) -> dict[str, float]:
     return {label: fmean(per_label[label]["mean"] for per_label in results.values()) for label in labels}
 
 
-def test_time_adaptation(tasks: Sequence[Task], system_prompts: dict[str, str], base: LM, optimizer: LM,
-                         budget: EvalBudget, seed: int, on_event: EventSink | None = None,
-                         search: SearchBudget | None = None, test_size: int | None = None) -> dict[str, dict[str, list[float]]]:
+def test_time_adaptation(
+    tasks: Sequence[Task],
+    system_prompts: dict[str, str],
+    base: LM,
+    optimizer: LM,
+    budget: EvalBudget,
+    seed: int,
+    on_event: EventSink | None = None,
+    search: SearchBudget | None = None,
+    test_size: int | None = None,
+) -> dict[str, dict[str, list[float]]]:
     """Task -> label -> test score of the best-on-train user prompt after each iteration (0 = initial).
 
     ``search`` supplies the writer settings (failures shown, re-asks, length limit) and the training size.
@@ -149,11 +200,23 @@ def test_time_adaptation(tasks: Sequence[Task], system_prompts: dict[str, str], 
     """
     ctx = SearchContext("adapt", tasks, base, optimizer, search or SearchBudget(), seed, on_event)
     tracks = [(label, task) for label in system_prompts for task in tasks]
-    starts = [ctx.nodes.new(task.name, system_prompts[label], task.initial_prompt, 0, "initial") for label, task in tracks]
-    _, trail = user_prompt_search(ctx, starts, budget.adapt_iterations, budget.beam, budget.adapt_candidates,
-                                  rewrite_user_prompts)
-    trials = [Trial(node.system_prompt, node.user_prompt, ctx.tasks[node.task], _test_examples(ctx.tasks[node.task], test_size))
-              for best_nodes in trail for node in best_nodes]
+    starts = [
+        ctx.nodes.new(task.name, system_prompts[label], task.initial_prompt, 0, "initial")
+        for label, task in tracks
+    ]
+    _, trail = user_prompt_search(
+        ctx, starts, budget.adapt_iterations, budget.beam, budget.adapt_candidates, rewrite_user_prompts
+    )
+    trials = [
+        Trial(
+            node.system_prompt,
+            node.user_prompt,
+            ctx.tasks[node.task],
+            _test_examples(ctx.tasks[node.task], test_size),
+        )
+        for best_nodes in trail
+        for node in best_nodes
+    ]
     means = iter(score.mean for score in ctx.scorer(trials, desc="adapt test"))
     per_iteration = [[next(means) for _ in tracks] for _ in trail]
     results: dict[str, dict[str, list[float]]] = {task.name: {} for task in tasks}
@@ -164,7 +227,9 @@ def test_time_adaptation(tasks: Sequence[Task], system_prompts: dict[str, str], 
     return results
 
 
-test_time_adaptation.__test__ = False  # its name starts with "test": keep pytest from collecting it when imported
+test_time_adaptation.__test__ = (
+    False  # its name starts with "test": keep pytest from collecting it when imported
+)
 
 
 def _test_examples(task: Task, test_size: int | None):

@@ -35,6 +35,9 @@ COST_KEYS = (
     "cache_hits",
     "seconds",
 )
+META_TRAIN_KEYS = ("iteration", "incumbent_score", "best_candidate_score", "adopted")
+# Per-iteration call counts the search adds to its history entries; shown when present.
+STEP_CALL_COUNTS = ("optimizer_calls", "base_generations")
 # The baselines whose gap to MetaSPO `compare_runs` weighs against seed-to-seed noise.
 MARGIN_BASELINES = ("default", "cot")
 # Placeholder user turn in the exported chat snippet.
@@ -52,43 +55,61 @@ PLOTS = {
 # ---- result.json schema ---------------------------------------------------------------------------
 
 
+def _is_number(value: Any) -> bool:
+    # JSON numbers: integers count, booleans (a subclass of int in Python) do not.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What a value must be, by the phrase the error message uses.
+STRING, INTEGER, NUMBER, NUMBER_OR_NULL = "a string", "an integer", "a number", "a number or null"
+BOOLEAN, OBJECT, LIST = "true or false", "a JSON object", "a list"
+_KINDS = {
+    STRING: lambda v: isinstance(v, str),
+    INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    NUMBER: _is_number,
+    NUMBER_OR_NULL: lambda v: v is None or _is_number(v),
+    BOOLEAN: lambda v: isinstance(v, bool),
+    OBJECT: lambda v: isinstance(v, dict),
+    LIST: lambda v: isinstance(v, list),
+}
+
+
 def validate_result(obj: Any, source: str = "result.json") -> dict:
-    """``obj`` if it has the shape of a run's result.json; otherwise a MetaspoError naming the key."""
+    """``obj`` if it has the shape of a run's result.json; otherwise a MetaspoError naming the key.
+
+    Extra keys are allowed (the pipeline may add per-prompt scores or per-iteration call counts).
+    """
     check = _Checker(source)
-    check.mapping(obj, "")
+    check.value(obj, "the top level", OBJECT)
     for key in ("recipe", "model", "method", "optimized_system_prompt"):
-        check.field(obj, key, str)
-    check.field(obj, "seed", int)
-    check.field(obj, "wall_seconds", float)
-    for label in check.field(obj, "system_prompts", dict):
-        check.field(obj["system_prompts"], label, str, "system_prompts.")
-    for task, by_label in check.field(obj, "scores", dict).items():
-        check.mapping(by_label, f"scores.{task}")
-        for label in by_label:
-            check.field(by_label, label, dict, f"scores.{task}.")
-            for key, kind in (("mean", float), ("sd", float), ("n", int)):
-                check.field(by_label[label], key, kind, f"scores.{task}.{label}.")
-    for label in check.field(obj, "overall", dict):
-        check.field(obj["overall"], label, float, "overall.")
-    for task, by_label in check.field(obj, "adaptation", dict).items():
-        check.mapping(by_label, f"adaptation.{task}")
-        for label in by_label:
-            for i, _ in enumerate(check.field(by_label, label, list, f"adaptation.{task}.")):
-                check.field(by_label[label], i, float, f"adaptation.{task}.{label}.")
-    for method, history in check.field(obj, "meta_train", dict).items():
-        check.field(obj["meta_train"], method, list, "meta_train.")
-        for i, step in enumerate(history):
-            check.mapping(step, f"meta_train.{method}.{i}")
-            for key, kind in (
-                ("iteration", int),
-                ("incumbent_score", float),
-                ("best_candidate_score", float),
-                ("adopted", bool),
+        check.field(obj, key, STRING)
+    check.field(obj, "seed", INTEGER)
+    check.field(obj, "wall_seconds", NUMBER)
+    for label in check.field(obj, "system_prompts", OBJECT):
+        check.field(obj["system_prompts"], label, STRING, "system_prompts.")
+    for task in check.field(obj, "scores", OBJECT):
+        for label in check.field(obj["scores"], task, OBJECT, "scores."):
+            check.field(obj["scores"][task], label, OBJECT, f"scores.{task}.")
+            for key, kind in (("mean", NUMBER), ("sd", NUMBER), ("n", INTEGER)):
+                check.field(obj["scores"][task][label], key, kind, f"scores.{task}.{label}.")
+    for label in check.field(obj, "overall", OBJECT):
+        check.field(obj["overall"], label, NUMBER, "overall.")
+    for task in check.field(obj, "adaptation", OBJECT):
+        for label in check.field(obj["adaptation"], task, OBJECT, "adaptation."):
+            for i, score in enumerate(
+                check.field(obj["adaptation"][task], label, LIST, f"adaptation.{task}.")
             ):
-                check.field(step, key, kind, f"meta_train.{method}.{i}.")
-    check.field(obj, "costs", dict)
+                check.value(score, f"adaptation.{task}.{label}.{i}", NUMBER)
+    for method in check.field(obj, "meta_train", OBJECT):
+        for i, step in enumerate(check.field(obj["meta_train"], method, LIST, "meta_train.")):
+            where = f"meta_train.{method}.{i}"
+            check.value(step, where, OBJECT)
+            # best_candidate_score is null where an iteration wrote no candidate (0 is the starting point).
+            for key, kind in zip(META_TRAIN_KEYS, (INTEGER, NUMBER, NUMBER_OR_NULL, BOOLEAN), strict=True):
+                check.field(step, key, kind, f"{where}.")
+    check.field(obj, "costs", OBJECT)
     for key in COST_KEYS:
-        check.field(obj["costs"], key, float, "costs.")
+        check.field(obj["costs"], key, NUMBER, "costs.")
     return obj
 
 
@@ -98,43 +119,18 @@ class _Checker:
     def __init__(self, source: str):
         self.source = source
 
-    def mapping(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict):
+    def field(self, container: dict, key: str, kind: str, prefix: str = "") -> Any:
+        if key not in container:
             raise MetaspoError(
-                f"{self.source}: {where or 'the top level'} should be a JSON object, not {type(value).__name__}"
-            )
-
-    def field(self, container: Any, key: Any, kind: type, prefix: str = "") -> Any:
-        name = f"{prefix}{key}"
-        if isinstance(container, dict) and key not in container:
-            raise MetaspoError(
-                f"{self.source}: missing key {name!r}",
+                f"{self.source}: missing key {prefix + key!r}",
                 hint="result.json is written whole at the end of a run; was this one edited by hand?",
             )
-        value = container[key]
-        if not _is_kind(value, kind):
-            raise MetaspoError(
-                f"{self.source}: {name!r} should be {_KIND_NAMES[kind]}, not {json.dumps(value)[:60]}"
-            )
+        return self.value(container[key], prefix + key, kind)
+
+    def value(self, value: Any, name: str, kind: str) -> Any:
+        if not _KINDS[kind](value):
+            raise MetaspoError(f"{self.source}: {name!r} should be {kind}, not {json.dumps(value)[:60]}")
         return value
-
-
-_KIND_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    dict: "a JSON object",
-    list: "a list",
-}
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if kind is float:  # JSON numbers: integers count, booleans do not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -178,9 +174,9 @@ def write_report(run_dir: str | Path) -> Path:
     )
     _write_csv(
         folder / "meta_train.csv",
-        ["method", "iteration", "incumbent_score", "best_candidate_score", "adopted"],
+        ["method", *META_TRAIN_KEYS, *STEP_CALL_COUNTS],
         [
-            [method, s["iteration"], s["incumbent_score"], s["best_candidate_score"], s["adopted"]]
+            [method, *(s[key] for key in META_TRAIN_KEYS), *(s.get(key, "") for key in STEP_CALL_COUNTS)]
             for method, history in result["meta_train"].items()
             for s in history
         ],
@@ -280,8 +276,8 @@ def _adaptation_section(result: dict, labels: list[str], plotted: bool) -> list[
         for label, curve in _in_order(by_label, labels)
     ]
     return [
-        "Test score on each unseen task per test-time adaptation iteration (user-prompt search with "
-        "the system prompt fixed).",
+        "Test score on each unseen task after each test-time adaptation iteration (user-prompt search "
+        "with the system prompt fixed; iteration 0 is the task's initial user prompt).",
         "",
         *_markdown_table(["task", "system prompt", *(f"iter {i}" for i in range(width))], rows),
         "",
@@ -301,17 +297,28 @@ def _meta_train_section(result: dict, plotted: bool) -> list[str]:
             method,
             str(s["iteration"]),
             f"{s['incumbent_score']:.3f}",
-            f"{s['best_candidate_score']:.3f}",
+            "–" if s["best_candidate_score"] is None else f"{s['best_candidate_score']:.3f}",
             "yes" if s["adopted"] else "no",
+            *(str(s.get(key, "")) for key in STEP_CALL_COUNTS),
         ]
         for method, history in result["meta_train"].items()
         for s in history
     ]
+    header = [
+        "method",
+        "iteration",
+        "incumbent",
+        "best candidate",
+        "adopted",
+        "optimizer calls",
+        "base generations",
+    ]
     return [
-        "Mean training score over all source tasks and kept user prompts, per iteration: the incumbent "
-        "system prompt after the iteration, and the best candidate written in it.",
+        "Mean training score over all source tasks and kept user prompts, per iteration (0 is the starting "
+        "point): the incumbent system prompt after the iteration, the best candidate written in it, and the "
+        "calls the iteration made.",
         "",
-        *_markdown_table(["method", "iteration", "incumbent", "best candidate", "adopted"], rows),
+        *_markdown_table(header, rows),
         "",
         f"![Meta-training]({PLOTS['meta_train']})",
         "",
@@ -430,17 +437,17 @@ def _plot_meta_train(result: dict, colors: dict, path: Path) -> bool:
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.subplots()
     for method, steps in history.items():
-        iterations = [s["iteration"] for s in steps]
         ax.plot(
-            iterations,
+            [s["iteration"] for s in steps],
             [s["incumbent_score"] for s in steps],
             marker="o",
             color=colors[method],
             label=f"{method}: incumbent",
         )
+        candidates = [s for s in steps if s["best_candidate_score"] is not None]
         ax.plot(
-            iterations,
-            [s["best_candidate_score"] for s in steps],
+            [s["iteration"] for s in candidates],
+            [s["best_candidate_score"] for s in candidates],
             linestyle="--",
             alpha=0.6,
             color=colors[method],

@@ -26,3 +26,12 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test writes caches under a temporary folder, except converted models, which are shared
     across tests (and runs) because converting the embedded GGUF takes ~20 s."""
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per test session."""
+    from metaspo_hf.models.loading import ModelSpec, load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))

@@ -116,3 +116,20 @@ def test_top_p_keeps_samples_within_the_nucleus(tiny_llama, tiny_tokenizer):
         [make_chat(None, "abc")], GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1e-6)
     )
     assert nucleus == greedy
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_results(tiny_llama, tiny_tokenizer, monkeypatch):
+    chats = [make_chat(SYSTEMS[0], q) for q in QUESTIONS]
+    settings = GenerationSettings(max_new_tokens=6)
+    want = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=8, progress=False).generate(chats, settings)
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=8, progress=False)
+    real_chunk = engine._generate_chunk
+
+    def small_memory(chunk, *args):
+        if len(chunk) > 2:  # pretend that more than two rows do not fit on the GPU
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_chunk(chunk, *args)
+
+    monkeypatch.setattr(engine, "_generate_chunk", small_memory)
+    assert engine.generate(chats, settings) == want
+    assert engine.batch_size == 2 and engine.stats.oom_retries >= 2

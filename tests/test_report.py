@@ -22,7 +22,13 @@ def synthetic_result(seed: int = 0, recipe: str = "smoke") -> dict:
     rng = random.Random(seed)
     scores = {
         task: {
-            label: {"mean": round(rng.random(), 4), "sd": round(rng.random() / 5, 4), "n": 10}
+            # Extra keys, such as the per-user-prompt scores the protocol keeps, are allowed.
+            label: {
+                "mean": round(rng.random(), 4),
+                "sd": round(rng.random() / 5, 4),
+                "n": 10,
+                "scores": [0.5] * 10,
+            }
             for label in LABELS
         }
         for task in TASKS
@@ -45,10 +51,13 @@ def synthetic_result(seed: int = 0, recipe: str = "smoke") -> dict:
                 {
                     "iteration": i,
                     "incumbent_score": 0.3 + 0.1 * i,
-                    "best_candidate_score": 0.35 + 0.1 * i,
-                    "adopted": i % 2 == 0,
+                    # Iteration 0 is the starting point: no candidate was written in it.
+                    "best_candidate_score": None if i == 0 else 0.35 + 0.1 * i,
+                    "adopted": i % 2 == 0 and i > 0,
+                    "optimizer_calls": 0 if i == 0 else 12,
+                    "base_generations": 150 * (i + 1),
                 }
-                for i in range(1, 4)
+                for i in range(4)
             ]
             for method in ("metaspo", "outer_only")
         },
@@ -93,6 +102,7 @@ def test_report_holds_every_task_label_and_number(tmp_path):
     overall_row = next(line for line in text.splitlines() if line.startswith("| **overall** |"))
     for value in result["overall"].values():
         assert f"{value:.3f}" in overall_row
+    assert "| metaspo | 0 | 0.300 | – | no | 0 | 150 |" in text  # iteration 0 has no candidate
     assert "1,200" in text and "45,678" in text and "1:02:05" in text  # costs and the wall time
     for name in ("unseen_generalization.png", "test_time_adaptation.png", "meta_train.png", "scores.csv"):
         assert f"({name})" in text
@@ -114,7 +124,9 @@ def test_plots_open_and_csvs_match_the_data(tmp_path):
     assert [float(r["score"]) for r in adaptation if r["task"] == TASKS[0] and r["label"] == "metaspo"] == (
         result["adaptation"][TASKS[0]]["metaspo"]
     )
-    assert len(read_csv(tmp_path / "meta_train.csv")) == 6
+    meta_train = read_csv(tmp_path / "meta_train.csv")
+    assert len(meta_train) == 8
+    assert meta_train[0]["best_candidate_score"] == "" and meta_train[1]["base_generations"] == "300"
 
 
 def test_exports_hold_the_optimized_prompt(tmp_path):

@@ -7,7 +7,7 @@ right or wrong on purpose. (No tests here.)
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from metaspo_hf.models.base import LM, GenerationSettings, stable_hash
 from metaspo_hf.models.fake import FakeEngine
@@ -24,10 +24,19 @@ class TagTask(Task):
 
 def make_task(name: str, n_train: int = 4, n_test: int = 4) -> TagTask:
     def examples(split: str, n: int) -> list[Example]:
-        return [Example(f"{name} {split} question {i} [{name}-{split}-{i}]", (f"{name}-{split}-{i}",)) for i in range(n)]
+        return [
+            Example(f"{name} {split} question {i} [{name}-{split}-{i}]", (f"{name}-{split}-{i}",))
+            for i in range(n)
+        ]
 
-    return TagTask(name=name, domain="test", train=examples("train", n_train), test=examples("test", n_test),
-                   initial_prompt=f"Answer this {name} question: {{question}}", answer_kind="open")
+    return TagTask(
+        name=name,
+        domain="test",
+        train=examples("train", n_train),
+        test=examples("test", n_test),
+        initial_prompt=f"Answer this {name} question: {{question}}",
+        answer_kind="open",
+    )
 
 
 def turns(chat) -> tuple[str, str]:
@@ -65,8 +74,10 @@ def candidate_id(chat, settings: GenerationSettings, k: int) -> int:
     return stable_hash(repr(chat), settings.seed, k) % 10**6
 
 
-def optimizer_lm(system_text: Callable[[int], str] = lambda h: f"Be careful and precise ({h}).",
-                 user_text: Callable[[int], str] = lambda h: f"Think it through ({h}): {{question}}") -> LM:
+def optimizer_lm(
+    system_text: Callable[[int], str] = lambda h: f"Be careful and precise ({h}).",
+    user_text: Callable[[int], str] = lambda h: f"Think it through ({h}): {{question}}",
+) -> LM:
     """A sampled optimizer that writes a distinct, well-formed candidate for every request."""
 
     def respond(chat, settings, k):

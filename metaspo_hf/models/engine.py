@@ -90,10 +90,13 @@ class HFEngine:
                 prefix_len = min([prefix_len] + [len(r.ids) - 1 for r in group])
                 prefix_cache = self._prefill_prefix(group[0].ids[:prefix_len])
                 group.sort(key=lambda r: len(r.ids))
-                for chunk in _chunks(group, self.batch_size):
-                    for row, text in self._generate_chunk(chunk, prefix_len, prefix_cache, settings):
+                start = 0
+                while start < len(group):
+                    chunk = group[start:start + self.batch_size]
+                    for row, text in self._generate_chunk_or_split(chunk, prefix_len, prefix_cache, settings):
                         outputs[row.index] = text
                     bar.update(len(chunk))
+                    start += len(chunk)
         bar.close()
         self.stats.calls += 1
         self.stats.prompts += len(rows)
@@ -120,6 +123,24 @@ class HFEngine:
                 layer.keys = keys.expand(batch, -1, -1, -1)
                 layer.values = values.expand(batch, -1, -1, -1)
         return cache
+
+    def _generate_chunk_or_split(self, chunk: list[_Row], prefix_len: int, prefix_cache, settings):
+        """On CUDA out-of-memory, halve the batch (for this and later chunks) and retry the halves.
+
+        Sampling draws from per-row generators, so splitting a batch never changes what a row gets.
+        """
+        try:
+            return list(self._generate_chunk(chunk, prefix_len, prefix_cache, settings))
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.stats.oom_retries += 1
+            self.batch_size = max(1, len(chunk) // 2)
+            half = len(chunk) // 2
+            return (self._generate_chunk_or_split(chunk[:half], prefix_len, prefix_cache, settings)
+                    + self._generate_chunk_or_split(chunk[half:], prefix_len, prefix_cache, settings))
 
     def _generate_chunk(self, chunk: list[_Row], prefix_len: int, prefix_cache, settings: GenerationSettings):
         """Yields (row, text) for every row of the chunk, in any order."""
@@ -208,11 +229,6 @@ def _common_prefix_len(sequences: list[list[int]]) -> int:
             n += 1
         length = n
     return length
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _cache_is_plain(model) -> bool:

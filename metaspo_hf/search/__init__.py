@@ -5,5 +5,12 @@ from .budget import EvalBudget, SearchBudget
 from .registry import METHODS, get_method, system_prompt_methods
 from .run import SearchResult, run_search
 
-__all__ = ["METHODS", "EvalBudget", "SearchBudget", "SearchResult", "get_method", "run_search",
-           "system_prompt_methods"]
+__all__ = [
+    "METHODS",
+    "EvalBudget",
+    "SearchBudget",
+    "SearchResult",
+    "get_method",
+    "run_search",
+    "system_prompt_methods",
+]

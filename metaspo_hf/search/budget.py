@@ -47,13 +47,26 @@ class SearchBudget:
         from .registry import get_method  # late: the registry imports the methods, which import this file
 
         get_method(self.method, key="search.method")
-        for name in ("iterations", "system_candidates", "user_candidates", "top_k", "train_size", "test_size",
-                     "wrong_examples", "wrong_examples_per_task", "ape_demos", "ape_demos_per_task",
-                     "max_prompt_chars", "sprig_max_components"):
+        for name in (
+            "iterations",
+            "system_candidates",
+            "user_candidates",
+            "top_k",
+            "train_size",
+            "test_size",
+            "wrong_examples",
+            "wrong_examples_per_task",
+            "ape_demos",
+            "ape_demos_per_task",
+            "max_prompt_chars",
+            "sprig_max_components",
+        ):
             require_int("search", name, getattr(self, name), minimum=1)
         require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
         if not isinstance(self.initial_system_prompt, str):
-            raise MetaspoError(f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}")
+            raise MetaspoError(
+                f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}"
+            )
 
 
 @dataclass
@@ -98,6 +111,8 @@ def check_labels(key: str, labels) -> tuple[str, ...]:
     known = [*BASELINE_SYSTEM_PROMPTS, *system_prompt_methods()]
     for label in labels:
         if label not in known:
-            raise MetaspoError(f"{key}: unknown system prompt {label!r}",
-                               hint=did_you_mean(label, known) or f"choose from {', '.join(known)}")
+            raise MetaspoError(
+                f"{key}: unknown system prompt {label!r}",
+                hint=did_you_mean(label, known) or f"choose from {', '.join(known)}",
+            )
     return tuple(labels)

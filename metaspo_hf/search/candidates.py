@@ -45,8 +45,15 @@ class NodeLog:
     def __init__(self):
         self.nodes: list[Node] = []
 
-    def new(self, task: str, system_prompt: str, user_prompt: str, iteration: int, origin: str,
-            parent: Node | None = None) -> Node:
+    def new(
+        self,
+        task: str,
+        system_prompt: str,
+        user_prompt: str,
+        iteration: int,
+        origin: str,
+        parent: Node | None = None,
+    ) -> Node:
         node = Node(
             id=len(self.nodes),
             task=task,

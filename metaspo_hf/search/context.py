@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import MetaspoError
 from ..models.base import LM, stable_hash
@@ -17,8 +17,16 @@ EventSink = Callable[[dict], None]
 
 
 class SearchContext:
-    def __init__(self, method: str, tasks: Sequence[Task], base: LM, optimizer: LM, budget: SearchBudget,
-                 seed: int, on_event: EventSink | None = None):
+    def __init__(
+        self,
+        method: str,
+        tasks: Sequence[Task],
+        base: LM,
+        optimizer: LM,
+        budget: SearchBudget,
+        seed: int,
+        on_event: EventSink | None = None,
+    ):
         self.method = method
         self.tasks = _by_name(tasks)
         self.budget = budget
@@ -37,35 +45,52 @@ class SearchContext:
     def train_examples(self, task: str) -> list[Example]:
         return self.tasks[task].train[: self.budget.train_size]
 
-    def score(self, nodes: list[Node], *step: object) -> None:
+    def score(self, nodes: list[Node], iteration: int, step: str) -> None:
         """Score every node on its task's training questions, all in one base batch."""
-        trials = [Trial(n.system_prompt, n.user_prompt, self.tasks[n.task], self.train_examples(n.task)) for n in nodes]
-        desc = f"{self.method} {' '.join(map(str, step))} scoring"
-        for node, result in zip(nodes, self.scorer(trials, desc=desc)):
+        trials = [
+            Trial(n.system_prompt, n.user_prompt, self.tasks[n.task], self.train_examples(n.task))
+            for n in nodes
+        ]
+        desc = f"{self.method} iteration {iteration} {step}: scoring"
+        for node, result in zip(nodes, self.scorer(trials, desc=desc), strict=True):
             node.train_score, node.wrong = result.mean, result.wrong
 
     def counts(self) -> dict:
-        return {**self.writer.counts(), "base_generations": self.scorer.generations,
-                "base_batches": self.scorer.batches}
+        return {
+            **self.writer.counts(),
+            "base_generations": self.scorer.generations,
+            "base_batches": self.scorer.batches,
+        }
 
     def emit(self, iteration: int, step: str, **fields) -> None:
         """Tell the caller a step is done (the run folder appends it to its event log)."""
         if self.on_event:
-            self.on_event({"event": "search_step", "method": self.method, "iteration": iteration, "step": step,
-                           **fields, **self.counts()})
+            self.on_event(
+                {
+                    "event": "search_step",
+                    "method": self.method,
+                    "iteration": iteration,
+                    "step": step,
+                    **fields,
+                    **self.counts(),
+                }
+            )
 
-    def record(self, iteration: int, incumbent_score: float, best_candidate_score: float | None,
-               adopted: bool) -> None:
+    def record(
+        self, iteration: int, incumbent_score: float, best_candidate_score: float | None, adopted: bool
+    ) -> None:
         """Close an iteration: its history entry, with the calls it made."""
         now = self.counts()
-        self.history.append({
-            "iteration": iteration,
-            "incumbent_score": incumbent_score,
-            "best_candidate_score": best_candidate_score,
-            "adopted": adopted,
-            "optimizer_calls": now["optimizer_calls"] - self._counts_at_last_record["optimizer_calls"],
-            "base_generations": now["base_generations"] - self._counts_at_last_record["base_generations"],
-        })
+        self.history.append(
+            {
+                "iteration": iteration,
+                "incumbent_score": incumbent_score,
+                "best_candidate_score": best_candidate_score,
+                "adopted": adopted,
+                "optimizer_calls": now["optimizer_calls"] - self._counts_at_last_record["optimizer_calls"],
+                "base_generations": now["base_generations"] - self._counts_at_last_record["base_generations"],
+            }
+        )
         self._counts_at_last_record = now
 
 
@@ -77,6 +102,8 @@ def _by_name(tasks: Sequence[Task]) -> dict[str, Task]:
         if task.name in by_name:
             raise MetaspoError(f"task {task.name!r} is listed twice")
         if not task.train:
-            raise MetaspoError(f"task {task.name!r} has no training examples", hint="the search scores prompts on them")
+            raise MetaspoError(
+                f"task {task.name!r} has no training examples", hint="the search scores prompts on them"
+            )
         by_name[task.name] = task
     return by_name

@@ -53,10 +53,12 @@ _LEAD_LABEL = re.compile(
     r"(?:system\s+|user\s+)?(?:prompt|instruction)\s*[*_]*:[*_]*\s*",
     re.IGNORECASE,
 )
+# Error output: tracebacks, "ValueError:"/"Error:" labels (capitalised, so that "find the error: ..."
+# stays a valid prompt), a reply that opens with "Error", CUDA/HTTP failures, the paper code's format error.
 _ERROR = re.compile(
-    r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\s*:|\A\s*(?:error|exception|fatal)\b"
+    r"Traceback \(most recent call last\)|(?-i:(?:Error|Exception|ERROR)\s*:)|\A\s*(?:error|exception)\b"
     r"|\A\s*N/?A\b|out of memory|format wrong|internal server error",
-    re.IGNORECASE | re.MULTILINE,
+    re.IGNORECASE,
 )
 _REFUSAL = re.compile(
     r"\A\s*(?:I'?m sorry|I am sorry|sorry\b|I cannot|I can'?t|I can not|I am unable|I'?m unable|I won'?t"
@@ -107,8 +109,8 @@ def tag_family(name: str) -> str | None:
     for tag in (ANALYSIS_TAG, PROMPT_TAG):
         if letters.endswith(tag) or difflib.SequenceMatcher(None, letters, tag).ratio() >= 0.75:
             return tag
-    # The paper code's own tag names for a rewritten prompt.
-    return PROMPT_TAG if letters.endswith("instruction") or letters.endswith("prompts") else None
+    # <instruction>, <new_instruction>: what other prompt optimizers call the prompt.
+    return PROMPT_TAG if letters.endswith("instruction") else None
 
 
 def tagged_blocks(text: str, tag: str) -> list[str]:
@@ -119,17 +121,20 @@ def tagged_blocks(text: str, tag: str) -> list[str]:
     for i, (match, family) in enumerate(tokens):
         if family == tag and not match.group(1):
             end = tokens[i + 1][0].start() if i + 1 < len(tokens) else len(text)
-            blocks.append(text[match.end():end])
+            blocks.append(text[match.end() : end])
     return blocks
 
 
 def _without_tagged_blocks(text: str) -> str:
-    """The reply with every block of some other known tag (e.g. an analysis) cut out, closed or not."""
+    """The reply with every block of a known tag cut out, closed or not.
+
+    Used only when the tag asked for is absent, so what goes is some other block (e.g. an analysis).
+    """
     pieces, open_family, start = [], None, 0
     for match in _TAG_TOKEN.finditer(text):
         family, closing = tag_family(match.group(2)), bool(match.group(1))
         if family and open_family is None and not closing:
-            pieces.append(text[start:match.start()])
+            pieces.append(text[start : match.start()])
             open_family = family
         elif family and family == open_family and closing:
             open_family, start = None, match.end()
@@ -162,7 +167,13 @@ def _unquote(text: str) -> str:
     """The text without quotes around all of it (only when no other such quote is inside)."""
     for opening, closing in _QUOTES:
         inner = text[1:-1]
-        if len(text) >= 2 and text[0] == opening and text[-1] == closing and opening not in inner and closing not in inner:
+        if (
+            len(text) >= 2
+            and text[0] == opening
+            and text[-1] == closing
+            and opening not in inner
+            and closing not in inner
+        ):
             return inner
     return text
 
@@ -194,7 +205,7 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
 def _is_garbled(text: str) -> bool:
     body = text.replace(QUESTION_SLOT, " ")
     visible = [c for c in body if not c.isspace()]
-    if visible and sum(c.isalpha() for c in visible) < 0.5 * len(visible):
+    if visible and sum(c.isalpha() for c in visible) < 0.4 * len(visible):
         return True  # mostly symbols or digits
     data = body.encode()
     if len(data) >= 200 and len(zlib.compress(data)) < 0.15 * len(data):

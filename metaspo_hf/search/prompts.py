@@ -20,7 +20,9 @@ MAX_RESPONSE_CHARS = 800
 
 @cache
 def template(name: str) -> str:
-    return resources.files(__package__).joinpath("templates", f"{name}.txt").read_text(encoding="utf-8").strip()
+    return (
+        resources.files(__package__).joinpath("templates", f"{name}.txt").read_text(encoding="utf-8").strip()
+    )
 
 
 def _request(name: str, **fields: str) -> Chat:
@@ -28,22 +30,36 @@ def _request(name: str, **fields: str) -> Chat:
 
 
 def user_analysis(system_prompt: str, user_prompt: str, wrong: list[WrongExample]) -> Chat:
-    return _request("user_analysis", system_prompt=_or_none(system_prompt), user_prompt=user_prompt,
-                    failures=format_failures(wrong))
+    return _request(
+        "user_analysis",
+        system_prompt=_or_none(system_prompt),
+        user_prompt=user_prompt,
+        failures=format_failures(wrong),
+    )
 
 
 def user_rewrite(system_prompt: str, user_prompt: str, wrong: list[WrongExample], analysis: str) -> Chat:
-    return _request("user_rewrite", system_prompt=_or_none(system_prompt), user_prompt=user_prompt,
-                    failures=format_failures(wrong), analysis=analysis or "(no analysis available)")
+    return _request(
+        "user_rewrite",
+        system_prompt=_or_none(system_prompt),
+        user_prompt=user_prompt,
+        failures=format_failures(wrong),
+        analysis=analysis or "(no analysis available)",
+    )
 
 
 def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]]) -> Chat:
-    return _request("system_analysis", system_prompt=_or_none(system_prompt), failures=format_task_failures(wrong))
+    return _request(
+        "system_analysis", system_prompt=_or_none(system_prompt), failures=format_task_failures(wrong)
+    )
 
 
 def system_rewrite(system_prompt: str, analysis: str) -> Chat:
-    return _request("system_rewrite", system_prompt=_or_none(system_prompt),
-                    analysis=analysis or "(no analysis available)")
+    return _request(
+        "system_rewrite",
+        system_prompt=_or_none(system_prompt),
+        analysis=analysis or "(no analysis available)",
+    )
 
 
 def ape_user(demos: list[Example]) -> Chat:
@@ -92,7 +108,9 @@ def format_task_failures(wrong: list[tuple[str, WrongExample]]) -> str:
 
 
 def format_demos(demos: list[Example]) -> str:
-    return "\n\n".join(f"Input:\n{_cut(ex.question, MAX_QUESTION_CHARS)}\nOutput:\n{_gold(ex.answers)}" for ex in demos)
+    return "\n\n".join(
+        f"Input:\n{_cut(ex.question, MAX_QUESTION_CHARS)}\nOutput:\n{_gold(ex.answers)}" for ex in demos
+    )
 
 
 def _gold(answers: tuple[str, ...]) -> str:

@@ -7,61 +7,93 @@ User-prompt proposals return, per parent, a list of ``count`` candidates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..tasks.task import Example
 from . import prompts
 from .candidates import BilevelState, Node
 from .context import SearchContext
 from .scorer import WrongExample
 
+# (ctx, parents, candidates per parent, iteration) -> per parent, its candidates (None = unusable).
+ProposeUser = Callable[[SearchContext, list[Node], int, int], list[list[str | None]]]
+# (ctx, state, candidates, iteration) -> system-prompt candidates (None = unusable).
+ProposeSystem = Callable[[SearchContext, BilevelState, int, int], list[str | None]]
 
-def rewrite_user_prompts(ctx: SearchContext, parents: list[Node], count: int, iteration: int) -> list[list[str | None]]:
+
+def rewrite_user_prompts(
+    ctx: SearchContext, parents: list[Node], count: int, iteration: int
+) -> list[list[str | None]]:
     """Failures of each parent -> analysis -> rewritten user prompt, ``count`` times per parent."""
-    jobs = [(parent, _sample(ctx, parent.wrong, ctx.budget.wrong_examples, iteration, "user", parent.id, j))
-            for parent in parents for j in range(count)]
-    analyses = ctx.writer.analyses(
-        [prompts.user_analysis(p.system_prompt, p.user_prompt, wrong) for p, wrong in jobs], iteration, "user")
-    rewrites = ctx.writer.prompts(
-        [prompts.user_rewrite(p.system_prompt, p.user_prompt, wrong, analysis)
-         for (p, wrong), analysis in zip(jobs, analyses)], "user", iteration, "user")
+    jobs = [
+        (parent, _sample(ctx, parent.wrong, ctx.budget.wrong_examples, iteration, "user", parent.id, j))
+        for parent in parents
+        for j in range(count)
+    ]
+    analysis_chats = [prompts.user_analysis(p.system_prompt, p.user_prompt, wrong) for p, wrong in jobs]
+    analyses = ctx.writer.analyses(analysis_chats, iteration, "user")
+    rewrite_chats = [
+        prompts.user_rewrite(p.system_prompt, p.user_prompt, wrong, analysis)
+        for (p, wrong), analysis in zip(jobs, analyses, strict=True)
+    ]
+    rewrites = ctx.writer.prompts(rewrite_chats, "user", iteration, "user")
     return _per_parent(rewrites, count)
 
 
-def rewrite_system_prompts(ctx: SearchContext, state: BilevelState, count: int, iteration: int) -> list[str | None]:
+def rewrite_system_prompts(
+    ctx: SearchContext, state: BilevelState, count: int, iteration: int
+) -> list[str | None]:
     """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times."""
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
-    analyses = ctx.writer.analyses(
-        [prompts.system_analysis(state.system_prompt, failures) for failures in failure_sets], iteration, "system")
-    return ctx.writer.prompts(
-        [prompts.system_rewrite(state.system_prompt, analysis) for analysis in analyses], "system", iteration, "system")
+    analysis_chats = [prompts.system_analysis(state.system_prompt, failures) for failures in failure_sets]
+    analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
+    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis) for analysis in analyses]
+    return ctx.writer.prompts(rewrite_chats, "system", iteration, "system")
 
 
-def gather_failures(ctx: SearchContext, state: BilevelState, iteration: int, j: int) -> list[tuple[str, WrongExample]]:
+def gather_failures(
+    ctx: SearchContext, state: BilevelState, iteration: int, j: int
+) -> list[tuple[str, WrongExample]]:
     """A few failures of each task's best user prompt, shuffled together (a fresh draw per candidate ``j``)."""
     rng = ctx.rng(iteration, "failures", j)
-    failures = [(task, w) for task, beam in state.beams.items()
-                for w in rng.sample(beam.best.wrong, min(ctx.budget.wrong_examples_per_task, len(beam.best.wrong)))]
+    failures = [
+        (task, w)
+        for task, beam in state.beams.items()
+        for w in rng.sample(beam.best.wrong, min(ctx.budget.wrong_examples_per_task, len(beam.best.wrong)))
+    ]
     rng.shuffle(failures)
     return failures
 
 
-def ape_user_prompts(ctx: SearchContext, parents: list[Node], count: int, iteration: int) -> list[list[str | None]]:
+def ape_user_prompts(
+    ctx: SearchContext, parents: list[Node], count: int, iteration: int
+) -> list[list[str | None]]:
     """User prompts written from input/output demos of each parent's task (the parent text is not shown)."""
-    chats = [prompts.ape_user(_demos(ctx, p.task, ctx.budget.ape_demos, iteration, "user", p.id, j))
-             for p in parents for j in range(count)]
+    chats = [
+        prompts.ape_user(_demos(ctx, p.task, ctx.budget.ape_demos, iteration, "user", p.id, j))
+        for p in parents
+        for j in range(count)
+    ]
     return _per_parent(ctx.writer.prompts(chats, "user", iteration, "user_ape"), count)
 
 
-def ape_system_prompts(ctx: SearchContext, state: BilevelState, count: int, iteration: int) -> list[str | None]:
+def ape_system_prompts(
+    ctx: SearchContext, state: BilevelState, count: int, iteration: int
+) -> list[str | None]:
     """System prompts written from demos of every task, mixed together."""
     chats = []
     for j in range(count):
-        demos = [ex for task in ctx.tasks for ex in _demos(ctx, task, ctx.budget.ape_demos_per_task, iteration, j)]
+        demos = [
+            ex for task in ctx.tasks for ex in _demos(ctx, task, ctx.budget.ape_demos_per_task, iteration, j)
+        ]
         ctx.rng(iteration, "mix", j).shuffle(demos)
         chats.append(prompts.ape_system(demos))
     return ctx.writer.prompts(chats, "system", iteration, "system_ape")
 
 
-def resample_user_prompts(ctx: SearchContext, parents: list[Node], count: int, iteration: int) -> list[list[str | None]]:
+def resample_user_prompts(
+    ctx: SearchContext, parents: list[Node], count: int, iteration: int
+) -> list[list[str | None]]:
     """Paraphrases of each parent's user prompt (APE's resampling step); copies of one request sample apart."""
     chats = [prompts.ape_resample(p.user_prompt) for p in parents for _ in range(count)]
     return _per_parent(ctx.writer.prompts(chats, "user", iteration, "user_resample"), count)
@@ -76,4 +108,4 @@ def _demos(ctx: SearchContext, task: str, k: int, *parts: object) -> list[Exampl
 
 
 def _per_parent(flat: list, count: int) -> list[list]:
-    return [flat[i:i + count] for i in range(0, len(flat), count)]
+    return [flat[i : i + count] for i in range(0, len(flat), count)]

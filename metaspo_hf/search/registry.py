@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import MetaspoError, did_you_mean
 
@@ -48,8 +49,10 @@ def register(name: str, optimizes_system: bool) -> Callable[[Method], Method]:
 
 def get_method(name: str, key: str = "method") -> MethodInfo:
     if name not in METHODS:
-        raise MetaspoError(f"{key}: unknown search method {name!r}",
-                           hint=did_you_mean(name, METHODS) or f"choose from {', '.join(METHODS)}")
+        raise MetaspoError(
+            f"{key}: unknown search method {name!r}",
+            hint=did_you_mean(name, METHODS) or f"choose from {', '.join(METHODS)}",
+        )
     return METHODS[name]
 
 

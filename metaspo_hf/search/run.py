@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from ..models.base import LM
 from ..tasks.task import Task
@@ -34,11 +34,24 @@ class SearchResult:
         return asdict(self)
 
 
-def run_search(method_name: str, tasks: Sequence[Task], base: LM, optimizer: LM, budget: SearchBudget, seed: int,
-               on_event: EventSink | None = None) -> SearchResult:
+def run_search(
+    method_name: str,
+    tasks: Sequence[Task],
+    base: LM,
+    optimizer: LM,
+    budget: SearchBudget,
+    seed: int,
+    on_event: EventSink | None = None,
+) -> SearchResult:
     """Run ``method_name`` on ``tasks``; a deterministic function of its arguments and the LM outputs."""
     method = get_method(method_name)
     ctx = SearchContext(method_name, tasks, base, optimizer, budget, seed, on_event)
     outcome = method.run(ctx, list(tasks))
-    return SearchResult(method_name, outcome.system_prompt, outcome.user_prompts, outcome.history,
-                        ctx.nodes.as_dicts(), ctx.counts())
+    return SearchResult(
+        method_name,
+        outcome.system_prompt,
+        outcome.user_prompts,
+        outcome.history,
+        ctx.nodes.as_dicts(),
+        ctx.counts(),
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
-from typing import Sequence
 
 from ..models.base import LM, make_chat
 from ..tasks.task import Example, Task
@@ -49,9 +49,16 @@ class Scorer:
 
     def __call__(self, trials: Sequence[Trial], desc: str | None = None) -> list[TrialScore]:
         user_texts = [[t.task.render(t.user_prompt, ex) for ex in t.examples] for t in trials]
-        chats = [make_chat(t.system_prompt, text) for t, texts in zip(trials, user_texts) for text in texts]
+        chats = [
+            make_chat(t.system_prompt, text)
+            for t, texts in zip(trials, user_texts, strict=True)
+            for text in texts
+        ]
         responses = iter(self._generate(chats, desc))
-        return [_score_trial(t, texts, [next(responses) for _ in texts]) for t, texts in zip(trials, user_texts)]
+        return [
+            _score_trial(t, texts, [next(responses) for _ in texts])
+            for t, texts in zip(trials, user_texts, strict=True)
+        ]
 
     def _generate(self, chats: list, desc: str | None) -> list[str]:
         if not chats:
@@ -84,10 +91,10 @@ def _dedupe(chats: list) -> tuple[list, list[int]]:
 
 
 def _score_trial(trial: Trial, user_texts: list[str], responses: list[str]) -> TrialScore:
-    scores = [float(trial.task.score(r, ex)) for r, ex in zip(responses, trial.examples)]
+    scores = [float(trial.task.score(r, ex)) for r, ex in zip(responses, trial.examples, strict=True)]
     wrong = [
         WrongExample(i, ex.question, text, r, ex.answers)
-        for i, (ex, text, r, s) in enumerate(zip(trial.examples, user_texts, responses, scores))
+        for i, (ex, text, r, s) in enumerate(zip(trial.examples, user_texts, responses, scores, strict=True))
         if s < 1.0  # partial credit still leaves something for the optimizer to fix
     ]
     return TrialScore(fmean(scores) if scores else 0.0, scores, responses, wrong)

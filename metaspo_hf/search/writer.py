@@ -14,7 +14,9 @@ class PromptWriter:
     re-ask) draws a fresh sample, and a replayed run draws exactly the same ones.
     """
 
-    def __init__(self, optimizer: LM, seed: int, namespace: str, max_parse_retries: int, max_prompt_chars: int):
+    def __init__(
+        self, optimizer: LM, seed: int, namespace: str, max_parse_retries: int, max_prompt_chars: int
+    ):
         self.optimizer = optimizer
         self.seed = seed
         self.namespace = namespace
@@ -36,7 +38,9 @@ class PromptWriter:
 
     def analyses(self, chats: list[Chat], *step: object) -> list[str]:
         """One analysis per chat; an unusable reply gives "" (the rewrite then goes without one)."""
-        return [parse_analysis(text, self.max_prompt_chars) for text in self.generate(chats, *step, "analysis")]
+        return [
+            parse_analysis(text, self.max_prompt_chars) for text in self.generate(chats, *step, "analysis")
+        ]
 
     def prompts(self, chats: list[Chat], kind: str, *step: object) -> list[str | None]:
         """One prompt per chat, or None where every attempt was unusable.
@@ -44,18 +48,24 @@ class PromptWriter:
         Unusable rows are re-asked together, with a note on what was wrong, at most
         ``max_parse_retries`` times.
         """
-        parsed = [parse_prompt(text, kind, self.max_prompt_chars) for text in self.generate(chats, *step, "write")]
+        parsed = [
+            parse_prompt(text, kind, self.max_prompt_chars) for text in self.generate(chats, *step, "write")
+        ]
         for attempt in range(1, self.max_parse_retries + 1):
             failed = [i for i, p in enumerate(parsed) if p.prompt is None]
             if not failed:
                 break
             self.retries += len(failed)
             retry_chats = [prompts.with_format_reminder(chats[i], parsed[i].reason, kind) for i in failed]
-            for i, text in zip(failed, self.generate(retry_chats, *step, "retry", attempt)):
+            for i, text in zip(failed, self.generate(retry_chats, *step, "retry", attempt), strict=True):
                 parsed[i] = parse_prompt(text, kind, self.max_prompt_chars)
         self.failures += sum(p.prompt is None for p in parsed)
         return [p.prompt for p in parsed]
 
     def counts(self) -> dict:
-        return {"optimizer_calls": self.calls, "optimizer_batches": self.batches,
-                "parse_retries": self.retries, "parse_failures": self.failures}
+        return {
+            "optimizer_calls": self.calls,
+            "optimizer_batches": self.batches,
+            "parse_retries": self.retries,
+            "parse_failures": self.failures,
+        }

@@ -9,7 +9,7 @@ Loading a task fetches first when needed.
 
 How a BIG-bench example becomes an Example:
 
-- The question is the task's own ``task_prefix`` (or ``prefix``), then ``example_input_prefix`` and the
+- The question is the task's own ``task_prefix``, then ``example_input_prefix`` and the
   input, then ``example_output_prefix`` when it says more than a bare "A:" cue (in several tasks it
   carries the actual question, e.g. "Does the preceding sentence contain anachronistic elements?").
 - Multiple-choice examples (``target_scores``): the options with the highest score are correct. When
@@ -188,7 +188,8 @@ _GENERIC_CUE = re.compile(r"(?i)(?:a|answer|output|label|target)?\s*:?")
 
 
 def _items(data: dict, name: str) -> list[_Item]:
-    task_prefix = str(data.get("task_prefix") or data.get("prefix") or "").strip()
+    # Not "prefix": where set, it is a tag ("bbq-lite-json:"), not text for the model.
+    task_prefix = str(data.get("task_prefix") or "").strip()
     input_prefix = str(data.get("example_input_prefix") or "").strip()
     output_prefix = str(data.get("example_output_prefix") or "").strip()
     if _GENERIC_CUE.fullmatch(output_prefix):

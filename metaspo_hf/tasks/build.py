@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from ..errors import MetaspoError
-from .choices import parse_options
+from ..errors import MetaspoError, did_you_mean
+from .choices import gold_letters, parse_options
 from .extract import number_value
 from .metrics import OPEN_METRICS
 from .task import QUESTION_SLOT, Example, Task
 
 ANSWER_KINDS = ("choice", "label", "number", "rating", "open")
+# The paper's settings: 50 training questions per task, up to 500 test questions.
+DEFAULT_TRAIN_SIZE = 50
+DEFAULT_TEST_SIZE = 500
 
 # Our own default user prompts: short and neutral, so that the optimizer has room to improve them.
 DEFAULT_PROMPTS = {
@@ -115,17 +119,19 @@ def build_task(name: str, domain: str, data: TaskData, *, seed: int, train_size:
     )
 
 
-def check_kind(kind: str, labels: Sequence[str], where: str, metric: str | None = None) -> None:
-    """MetaspoError naming ``where`` for an unknown kind, a label task without labels, or a bad metric."""
-    from ..errors import did_you_mean
-
+def check_kind(kind: str, labels: Sequence[str], where: str) -> None:
+    """MetaspoError naming ``where`` for an unknown kind, or a label task without labels."""
     if kind not in ANSWER_KINDS:
         raise MetaspoError(f"{where}: unknown answer_kind {kind!r}", hint=did_you_mean(kind, ANSWER_KINDS)
                            or f"one of {', '.join(ANSWER_KINDS)}")
     if kind == "label" and not labels:
         raise MetaspoError(f"{where}: answer_kind 'label' needs a list of labels")
+
+
+def check_metric(metric: str | None, where: str) -> None:
     if metric is not None and metric not in OPEN_METRICS:
-        raise MetaspoError(f"{where}: unknown metric {metric!r}", hint=f"one of {', '.join(OPEN_METRICS)}")
+        raise MetaspoError(f"{where}: unknown metric {metric!r}", hint=did_you_mean(metric, OPEN_METRICS)
+                           or f"one of {', '.join(OPEN_METRICS)}")
 
 
 def check_prompt(prompt: str | None, where: str) -> None:
@@ -164,8 +170,6 @@ def infer_kind(records: Sequence[tuple[str, tuple[str, ...], bool]]) -> tuple[st
     - at most ten distinct short answers, each seen at least twice on average: ``label``;
     - anything else: ``open``.
     """
-    from .choices import gold_letters
-
     if not records:
         return "open", ()
     single = all(len(answers) == 1 for _, answers, _ in records)
@@ -191,8 +195,6 @@ def infer_kind(records: Sequence[tuple[str, tuple[str, ...], bool]]) -> tuple[st
 
 def record_example(question: str, answers: tuple[str, ...], kind: str, where: str) -> Example:
     """An Example from a question/answers record; for choice tasks, options are read from the question."""
-    from .choices import gold_letters
-
     if kind != "choice":
         return Example(question=question, answers=answers)
     options = parse_options(question)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from .extract import LETTERS, number_value
 
@@ -63,7 +63,7 @@ def parse_options(question: str) -> tuple[str, ...]:
                 run.append(match)
         if len(run) >= 2:
             ends = [match.start() for match in run[1:]] + [len(question)]
-            texts = [question[match.end():end].strip() for match, end in zip(run, ends)]
+            texts = [question[match.end():end].strip() for match, end in zip(run, ends, strict=True)]
             # The last option runs to the end of its line only.
             texts[-1] = texts[-1].splitlines()[0].strip() if texts[-1] else ""
             return tuple(texts)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 LETTERS = string.ascii_uppercase
 
@@ -156,11 +156,21 @@ def extract_rating(segment: AnswerSegment) -> str | None:
 
 # ---- closed label sets --------------------------------------------------------------------------
 
-def _phrase_pattern(phrases: Sequence[str]) -> re.Pattern:
-    """Whole-phrase matches, longest first, so "non-entailment" is never read as "entailment"."""
-    ordered = sorted({phrase.strip() for phrase in phrases if phrase.strip()}, key=len, reverse=True)
-    alternatives = "|".join(re.escape(phrase) for phrase in ordered)
-    return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
+def phrase_mentions(text: str, phrases: Sequence[tuple[str, str]]) -> list[tuple[int, str]]:
+    """(position, value) of whole-phrase, case-insensitive mentions of (value, phrase) pairs. Longer
+    phrases claim their text first, so "non-entailment" is never also read as "entailment"."""
+    taken: list[tuple[int, int]] = []
+    mentions = []
+    for value, phrase in sorted(phrases, key=lambda item: len(item[1]), reverse=True):
+        if not phrase:
+            continue
+        pattern = re.compile(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", re.IGNORECASE)
+        for match in pattern.finditer(text):
+            if any(match.start() < end and start < match.end() for start, end in taken):
+                continue
+            taken.append((match.start(), match.end()))
+            mentions.append((match.start(), value))
+    return mentions
 
 
 def _strip_decoration(text: str) -> str:
@@ -168,16 +178,15 @@ def _strip_decoration(text: str) -> str:
 
 
 def extract_label(segment: AnswerSegment, labels: Sequence[str]) -> str | None:
-    """One of ``labels`` (as written in ``labels``), matched case-insensitively as a whole phrase."""
-    if not labels:
-        return None
-    by_lower = {label.strip().lower(): label for label in labels}
-    bare = _strip_decoration(segment.text).lower()
-    if segment.tagged and bare in by_lower:
-        return by_lower[bare]
-    candidates = [(match.start(), by_lower[match.group(0).lower()])
-                  for match in _phrase_pattern(labels).finditer(segment.text)]
-    return _pick(candidates, segment.tagged)
+    """One of ``labels`` (spelled as in ``labels``), matched case-insensitively as a whole phrase."""
+    labels = [label for label in labels if label.strip()]
+    # "b" answers the label "(b)": brackets around a whole answer are decoration too.
+    bare = _strip_decoration(segment.text).strip("()[] ").lower()
+    if segment.tagged:
+        exact = [label for label in labels if label.strip().strip("()[] ").lower() == bare]
+        if exact:
+            return exact[0]
+    return _pick(phrase_mentions(segment.text, [(label, label.strip()) for label in labels]), segment.tagged)
 
 
 # ---- multiple choice ----------------------------------------------------------------------------
@@ -197,25 +206,14 @@ def _valid_letters(options: Sequence[str]) -> str:
 
 
 def _option_mentions(text: str, options: Sequence[str]) -> list[tuple[int, str]]:
-    """(position, letter) of whole-phrase mentions of option texts, longer options claiming text first."""
     # Trailing punctuation is optional: "blue ball" mentions the option "blue ball.".
-    normalized = [(LETTERS[index], option.strip().rstrip(".!?;:,").strip()) for index, option in enumerate(options[:26])]
-    normalized = [(letter, option) for letter, option in normalized if option]
-    taken: list[tuple[int, int]] = []
-    mentions = []
-    for letter, option in sorted(normalized, key=lambda item: len(item[1]), reverse=True):
-        pattern = re.compile(rf"(?<![\w-]){re.escape(option)}(?![\w-])", re.IGNORECASE)
-        for match in pattern.finditer(text):
-            span = (match.start(), match.end())
-            if any(span[0] < end and start < span[1] for start, end in taken):
-                continue
-            taken.append(span)
-            mentions.append((match.start(), letter))
-    return mentions
+    return phrase_mentions(text, [(LETTERS[index], option.strip().rstrip(".!?;:,").strip())
+                                  for index, option in enumerate(options[:26])])
 
 
 def extract_choice(segment: AnswerSegment, options: Sequence[str]) -> str | None:
     """The chosen option letter: "(B)", "B", "B.", "option B", or the option's own text."""
+    options = list(options)[: len(LETTERS)]
     valid = _valid_letters(options)
     text = segment.text.strip()
     normalized_options = [normalize_text(option) for option in options]

@@ -18,7 +18,8 @@ kind. A task may choose ``exact`` (normalized exact match) or ``f1`` (SQuAD toke
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .extract import (
     extract_choice,
@@ -77,7 +78,7 @@ def _same_number(predicted: str | None, golds: Sequence[str]) -> float:
     return 0.0
 
 
-def score_response(task: "Task", response: str, example: "Example") -> float:
+def score_response(task: Task, response: str, example: Example) -> float:
     """Score in [0, 1] of ``response`` for ``example`` under ``task``'s answer kind (table above)."""
     segment = find_answer_segment(response)
     kind = task.answer_kind
@@ -96,7 +97,7 @@ def score_response(task: "Task", response: str, example: "Example") -> float:
     raise ValueError(f"task {task.name}: unknown answer kind {kind!r}")
 
 
-def describe_metric(task: "Task") -> str:
+def describe_metric(task: Task) -> str:
     """One line saying how ``task`` is scored (for `metaspo tasks show` and reports)."""
     if task.answer_kind == "open":
         metric = task.meta.get("metric", DEFAULT_OPEN_METRIC)

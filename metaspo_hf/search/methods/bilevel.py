@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from ...tasks.task import Task
-from ..candidates import Beam, BilevelState, Node, mean_score
+from ..candidates import Beam, BilevelState, mean_score
 from ..context import SearchContext
-from ..proposals import ape_system_prompts, ape_user_prompts, rewrite_system_prompts, rewrite_user_prompts
+from ..proposals import (
+    ProposeSystem,
+    ProposeUser,
+    ape_system_prompts,
+    ape_user_prompts,
+    rewrite_system_prompts,
+    rewrite_user_prompts,
+)
 from ..registry import SearchOutcome, register
-
-ProposeUser = Callable[[SearchContext, list[Node], int, int], list[list[str | None]]]
-ProposeSystem = Callable[[SearchContext, BilevelState, int, int], list[str | None]]
 
 
 @register("metaspo", optimizes_system=True)
@@ -33,8 +35,14 @@ def metaspo_ape(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     return bilevel(ctx, tasks, ape_user_prompts, ape_system_prompts, ctx.budget.system_candidates)
 
 
-def bilevel(ctx: SearchContext, tasks: list[Task], propose_user: ProposeUser | None,
-            propose_system: ProposeSystem, system_candidates: int) -> SearchOutcome:
+def bilevel(
+    ctx: SearchContext,
+    tasks: list[Task],
+    propose_user: ProposeUser | None,
+    propose_system: ProposeSystem,
+    system_candidates: int,
+) -> SearchOutcome:
+    """Score the initial prompts; then each iteration: inner step (if any), outer step, history entry."""
     state = initial_state(ctx, tasks)
     ctx.record(0, state.score, None, False)
     for iteration in range(1, ctx.budget.iterations + 1):
@@ -58,22 +66,27 @@ def inner_step(ctx: SearchContext, state: BilevelState, propose_user: ProposeUse
     """Each task's best user prompt -> ``user_candidates`` new ones; each beam keeps its ``top_k`` best."""
     parents = [beam.best for beam in state.beams.values()]
     proposals = propose_user(ctx, parents, ctx.budget.user_candidates, iteration)
-    children = [[ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p) for text in texts if text]
-                for p, texts in zip(parents, proposals)]
+    children = [
+        [ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p) for text in texts if text]
+        for p, texts in zip(parents, proposals, strict=True)
+    ]
     ctx.score([c for group in children for c in group], iteration, "inner")
-    for parent, group in zip(parents, children):
+    for parent, group in zip(parents, children, strict=True):
         state.beams[parent.task].extend(group)
     ctx.emit(iteration, "inner", score=state.score, candidates=sum(map(len, children)))
 
 
-def outer_step(ctx: SearchContext, state: BilevelState, propose_system: ProposeSystem, count: int,
-               iteration: int) -> tuple[float | None, bool]:
+def outer_step(
+    ctx: SearchContext, state: BilevelState, propose_system: ProposeSystem, count: int, iteration: int
+) -> tuple[float | None, bool]:
     """``count`` system candidates, each scored with every kept user prompt of every task; the best is
     adopted only if its mean beats the incumbent's over the same pairs. Returns (best score, adopted)."""
     texts = [text for text in propose_system(ctx, state, count, iteration) if text is not None]
     incumbent = state.nodes()
-    candidates = [[ctx.nodes.new(n.task, text, n.user_prompt, iteration, "system", parent=n) for n in incumbent]
-                  for text in texts]
+    candidates = [
+        [ctx.nodes.new(n.task, text, n.user_prompt, iteration, "system", parent=n) for n in incumbent]
+        for text in texts
+    ]
     ctx.score([n for nodes in candidates for n in nodes], iteration, "outer")
     scores = [mean_score(nodes) for nodes in candidates]
     best = max(range(len(scores)), key=scores.__getitem__, default=None)  # the first of equal bests
@@ -82,6 +95,14 @@ def outer_step(ctx: SearchContext, state: BilevelState, propose_system: ProposeS
     if adopted:
         state.adopt(texts[best], candidates[best])
     best_score = scores[best] if best is not None else None
-    ctx.emit(iteration, "outer", previous_score=incumbent_score, best_candidate_score=best_score, adopted=adopted,
-             score=state.score, candidates=len(texts), system_prompt=state.system_prompt)
+    ctx.emit(
+        iteration,
+        "outer",
+        previous_score=incumbent_score,
+        best_candidate_score=best_score,
+        adopted=adopted,
+        score=state.score,
+        candidates=len(texts),
+        system_prompt=state.system_prompt,
+    )
     return best_score, adopted

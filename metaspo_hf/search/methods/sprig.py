@@ -55,8 +55,12 @@ def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     # As many candidates per iteration as outer_only makes, so the two spend the same scoring budget.
     count = ctx.budget.system_candidates + len(tasks) * ctx.budget.user_candidates
     for iteration in range(1, ctx.budget.iterations + 1):
-        edits = [plan_edit(ctx.rng(iteration, "edit", j), population, component_pool(), ctx.budget.sprig_max_components)
-                 for j in range(count)]
+        edits = [
+            plan_edit(
+                ctx.rng(iteration, "edit", j), population, component_pool(), ctx.budget.sprig_max_components
+            )
+            for j in range(count)
+        ]
         candidates = _new_genomes(ctx, _rephrase(ctx, edits, iteration), population, iteration)
         ctx.score([n for g in candidates for n in g.nodes], iteration, "system")
         previous_best = population[0]
@@ -64,24 +68,39 @@ def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
         best_candidate = max((g.score for g in candidates), default=None)
         adopted = population[0] is not previous_best
         ctx.record(iteration, population[0].score, best_candidate, adopted)
-        ctx.emit(iteration, "system", score=population[0].score, best_candidate_score=best_candidate,
-                 adopted=adopted, candidates=len(candidates), system_prompt=population[0].system_prompt)
-    return SearchOutcome(population[0].system_prompt, {t.name: [t.initial_prompt] for t in tasks}, ctx.history)
+        ctx.emit(
+            iteration,
+            "system",
+            score=population[0].score,
+            best_candidate_score=best_candidate,
+            adopted=adopted,
+            candidates=len(candidates),
+            system_prompt=population[0].system_prompt,
+        )
+    return SearchOutcome(
+        population[0].system_prompt, {t.name: [t.initial_prompt] for t in tasks}, ctx.history
+    )
 
 
-def plan_edit(rng: random.Random, population: list[Genome], pool: tuple[str, ...], max_components: int) -> Edit:
+def plan_edit(
+    rng: random.Random, population: list[Genome], pool: tuple[str, ...], max_components: int
+) -> Edit:
     """One random edit of a random parent, chosen among the edits that apply to it."""
     parent = rng.choice(population)
     parts = list(parent.components)
     unused = [c for c in pool if c not in parts]
-    edits = [name for name, applies in (
-        ("add", len(parts) < max_components and unused),
-        ("delete", len(parts) > 1),
-        ("swap", len(parts) > 1),
-        ("replace", parts and unused),
-        ("rephrase", parts),
-        ("crossover", len(population) > 1),
-    ) if applies]
+    edits = [
+        name
+        for name, applies in (
+            ("add", len(parts) < max_components and unused),
+            ("delete", len(parts) > 1),
+            ("swap", len(parts) > 1),
+            ("replace", parts and unused),
+            ("rephrase", parts),
+            ("crossover", len(population) > 1),
+        )
+        if applies
+    ]
     edit = rng.choice(edits)
     if edit == "add":
         parts.insert(rng.randint(0, len(parts)), rng.choice(unused))
@@ -97,16 +116,20 @@ def plan_edit(rng: random.Random, population: list[Genome], pool: tuple[str, ...
     else:  # crossover: a head of this parent, then a tail of another one
         other = rng.choice([g for g in population if g is not parent]).components
         head = parts[: rng.randint(0, len(parts))]
-        parts = (head + [c for c in other[rng.randint(0, len(other)):] if c not in head])[:max_components]
+        parts = (head + [c for c in other[rng.randint(0, len(other)) :] if c not in head])[:max_components]
     return Edit(parent, tuple(parts))
 
 
 def _rephrase(ctx: SearchContext, edits: list[Edit], iteration: int) -> list[Edit]:
     """Ask the optimizer for every rephrasing in one batch; an edit whose rephrasing failed is dropped."""
     pending = [i for i, e in enumerate(edits) if e.rephrase_at is not None]
-    texts = ctx.writer.prompts([prompts.sprig_rephrase(edits[i].components[edits[i].rephrase_at]) for i in pending],
-                               "system", iteration, "rephrase")
-    rephrased = dict(zip(pending, texts))
+    texts = ctx.writer.prompts(
+        [prompts.sprig_rephrase(edits[i].components[edits[i].rephrase_at]) for i in pending],
+        "system",
+        iteration,
+        "rephrase",
+    )
+    rephrased = dict(zip(pending, texts, strict=True))
     done = []
     for i, e in enumerate(edits):
         if e.rephrase_at is None:
@@ -118,7 +141,9 @@ def _rephrase(ctx: SearchContext, edits: list[Edit], iteration: int) -> list[Edi
     return done
 
 
-def _new_genomes(ctx: SearchContext, edits: list[Edit], population: list[Genome], iteration: int) -> list[Genome]:
+def _new_genomes(
+    ctx: SearchContext, edits: list[Edit], population: list[Genome], iteration: int
+) -> list[Genome]:
     """A genome per edit, skipping prompts already in the population or made earlier this iteration."""
     seen = {g.system_prompt for g in population}
     genomes = []
@@ -132,8 +157,14 @@ def _new_genomes(ctx: SearchContext, edits: list[Edit], population: list[Genome]
 def _genome(ctx: SearchContext, components: tuple[str, ...], parent: Genome | None, iteration: int) -> Genome:
     system_prompt = join(components)
     nodes = [
-        ctx.nodes.new(name, system_prompt, task.initial_prompt, iteration, "initial" if parent is None else "system",
-                      parent=parent.nodes[i] if parent else None)
+        ctx.nodes.new(
+            name,
+            system_prompt,
+            task.initial_prompt,
+            iteration,
+            "initial" if parent is None else "system",
+            parent=parent.nodes[i] if parent else None,
+        )
         for i, (name, task) in enumerate(ctx.tasks.items())
     ]
     return Genome(components, nodes)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from statistics import fmean
-from typing import Callable
 
 from ...tasks.task import Task
 from ..candidates import Beam, Node
 from ..context import SearchContext
-from ..proposals import ape_user_prompts, resample_user_prompts, rewrite_user_prompts
+from ..proposals import ProposeUser, ape_user_prompts, resample_user_prompts, rewrite_user_prompts
 from ..registry import SearchOutcome, register
-
-ProposeUser = Callable[[SearchContext, list[Node], int, int], list[list[str | None]]]
 
 
 @register("protegi", optimizes_system=False)
@@ -26,7 +23,9 @@ def ape(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     return _single_system_search(ctx, tasks, ape_then_resample)
 
 
-def ape_then_resample(ctx: SearchContext, parents: list[Node], count: int, iteration: int) -> list[list[str | None]]:
+def ape_then_resample(
+    ctx: SearchContext, parents: list[Node], count: int, iteration: int
+) -> list[list[str | None]]:
     propose = ape_user_prompts if iteration == 1 else resample_user_prompts
     return propose(ctx, parents, count, iteration)
 
@@ -35,12 +34,17 @@ def _single_system_search(ctx: SearchContext, tasks: list[Task], propose: Propos
     system_prompt = ctx.budget.initial_system_prompt
     starts = [ctx.nodes.new(t.name, system_prompt, t.initial_prompt, 0, "initial") for t in tasks]
     budget = ctx.budget
-    beams, _ = user_prompt_search(ctx, starts, budget.iterations, budget.top_k, budget.user_candidates, propose)
-    return SearchOutcome(system_prompt, {b.best.task: [n.user_prompt for n in b.nodes] for b in beams}, ctx.history)
+    beams, _ = user_prompt_search(
+        ctx, starts, budget.iterations, budget.top_k, budget.user_candidates, propose
+    )
+    return SearchOutcome(
+        system_prompt, {b.best.task: [n.user_prompt for n in b.nodes] for b in beams}, ctx.history
+    )
 
 
-def user_prompt_search(ctx: SearchContext, starts: list[Node], iterations: int, width: int, per_node: int,
-                       propose: ProposeUser) -> tuple[list[Beam], list[list[Node]]]:
+def user_prompt_search(
+    ctx: SearchContext, starts: list[Node], iterations: int, width: int, per_node: int, propose: ProposeUser
+) -> tuple[list[Beam], list[list[Node]]]:
     """Beam search on the user prompt of each start node, its system prompt fixed; all beams advance
     together, one optimizer batch per phase and one scoring batch per iteration.
 
@@ -54,15 +58,21 @@ def user_prompt_search(ctx: SearchContext, starts: list[Node], iterations: int, 
     for iteration in range(1, iterations + 1):
         parents = [node for beam in beams for node in beam.nodes]
         proposals = propose(ctx, parents, per_node, iteration)
-        children = {p.id: [ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p)
-                           for text in texts if text] for p, texts in zip(parents, proposals)}
+        children = {
+            p.id: [
+                ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p)
+                for text in texts
+                if text
+            ]
+            for p, texts in zip(parents, proposals, strict=True)
+        }
         ctx.score([c for group in children.values() for c in group], iteration, "user")
         previous_best = [beam.best for beam in beams]
         for beam in beams:
             beam.extend([c for parent in beam.nodes for c in children[parent.id]])
         trail.append([beam.best for beam in beams])
         scores = [c.train_score for group in children.values() for c in group]
-        adopted = any(beam.best is not old for beam, old in zip(beams, previous_best))
+        adopted = any(beam.best is not old for beam, old in zip(beams, previous_best, strict=True))
         ctx.record(iteration, _mean_best(beams), max(scores, default=None), adopted)
         ctx.emit(iteration, "user", score=_mean_best(beams), candidates=len(scores), adopted=adopted)
     return beams, trail

@@ -1,0 +1,55 @@
+"""The `metaspo` command: help, listing, validation, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from metaspo_hf.cli import main
+from metaspo_hf.recipe import list_recipes
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "metaspo_hf.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("ls", "validate", "tasks", "train", "evaluate", "adapt", "reproduce", "report", "bench"):
+        assert command in result.stdout
+
+
+def test_ls_lists_recipes_models_and_suites(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-cpu" in out and "smollm2-135m-instruct" in out and "bigbench-reasoning" in out
+
+
+@pytest.mark.parametrize("recipe", [p.stem for p in list_recipes()])
+def test_every_recipe_validates(recipe, capsys):
+    assert main(["validate", f"recipes/{recipe}.yaml"]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherit: _base.yaml\nsearch:\n  iteratons: 2\n")
+    (tmp_path / "_base.yaml").write_text("seed: 0\n")
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "search.iteratons" in lines[0] and str(bad) in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_exits_2(capsys):
+    assert main(["validate", "recipes/smollm2-135m-cpu.yaml", "--set", "search.top_k=-1"]) == 2
+    assert "search.top_k must be >= 1" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nope: 1\n")
+    result = run_cli("--debug", "validate", str(bad))
+    assert result.returncode == 2 and "Traceback" in result.stderr

@@ -1,0 +1,170 @@
+"""Parsing optimizer output: tolerant of format slips, never adopting errors, always one {question} slot."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metaspo_hf.search.parsing import parse_analysis, parse_prompt
+
+SLOT = "{question}"
+LIMIT = 400
+
+
+@pytest.mark.parametrize(
+    "reply,expected",
+    [
+        ("<prompt>Solve carefully: {question}</prompt>", "Solve carefully: {question}"),
+        ("<Prompt>Solve carefully: {question}</Prompt>", "Solve carefully: {question}"),
+        ("<promt>Solve carefully: {question}</promt>", "Solve carefully: {question}"),
+        ("<improved_prompt>Solve carefully: {question}</improved_prompt>", "Solve carefully: {question}"),
+        ("<prompt>Solve carefully: {question}", "Solve carefully: {question}"),  # never closed
+        (
+            "<analysis>Too terse.</analysis>\n<prompt>Solve carefully: {question}</prompt>",
+            "Solve carefully: {question}",
+        ),
+        (
+            "Here is the improved prompt:\n\n```text\nSolve carefully: {question}\n```",
+            "Solve carefully: {question}",
+        ),
+        ('"Solve carefully: {question}"', "Solve carefully: {question}"),
+        ("**New prompt:**\nSolve carefully: {question}", "Solve carefully: {question}"),
+        ("Improved prompt: Solve carefully: {question}", "Solve carefully: {question}"),
+        (
+            "<prompt>draft {question}</prompt> then <prompt>Solve carefully: {question}</prompt>",
+            "Solve carefully: {question}",
+        ),
+        ("<prompt>Solve carefully: {{ Question }}</prompt>", "Solve carefully: {question}"),
+        ("<prompt>Solve carefully: {input}</prompt>", "Solve carefully: {question}"),
+        ("<prompt>Solve carefully.</prompt>", "Solve carefully.\n\n{question}"),  # slot appended
+        (
+            "<prompt>Read {question}, then answer {question}.</prompt>",
+            "Read {question}, then answer the question.",
+        ),
+        (
+            "<prompt>Wrap it in <answer></answer>: {question}</prompt>",
+            "Wrap it in <answer></answer>: {question}",
+        ),
+        ("<prompt>Find the error: {question}</prompt>", "Find the error: {question}"),  # not an error message
+    ],
+)
+def test_user_prompts_are_recovered_and_repaired(reply, expected):
+    assert parse_prompt(reply, "user", LIMIT).prompt == expected
+
+
+@pytest.mark.parametrize(
+    "reply,reason",
+    [
+        ("", "empty"),
+        ("<prompt>   </prompt>", "empty"),
+        ("<analysis>The prompt is unclear about units.", "empty"),  # only an (unclosed) analysis
+        ("Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'a'", "error"),
+        ("<prompt>RuntimeError: CUDA out of memory</prompt>", "error"),
+        ("N/A : Format wrong", "error"),
+        ("I'm sorry, but I can't help with rewriting this prompt.", "refusal"),
+        ("<prompt>As an AI language model, I cannot do that.</prompt>", "refusal"),
+        ("<prompt>" + "answer " * 50 + "</prompt>", "repetitive"),
+        ("<prompt>#### ---- $$$$ %%%% 1234 5678</prompt>", "garbled"),
+        ("<prompt>" + "Be thorough and exact. Explain. " * 2 + "x" * LIMIT + "</prompt>", "longer"),
+    ],
+)
+def test_unusable_replies_are_rejected_with_a_reason(reply, reason):
+    parsed = parse_prompt(reply, "user", LIMIT)
+    assert parsed.prompt is None and reason in parsed.reason
+
+
+def test_system_prompts_never_keep_the_slot():
+    assert (
+        parse_prompt("<prompt>Read {question} twice. Use {{question}}.</prompt>", "system", LIMIT).prompt
+        == "Read the question twice. Use the question."
+    )
+
+
+def test_analysis_falls_back_to_the_text_and_never_to_an_error():
+    assert (
+        parse_analysis("<analysis>It skips units.</analysis><prompt>x</prompt>", LIMIT) == "It skips units."
+    )
+    assert (
+        parse_analysis("It skips units. <prompt>Use units: {question}</prompt>", LIMIT) == "It skips units."
+    )
+    assert parse_analysis("Traceback (most recent call last): boom", LIMIT) == ""
+
+
+# ---- adversarial replies -------------------------------------------------------------------------
+
+ERRORS = [
+    'Traceback (most recent call last):\n  File "a.py", line 2, in <module>',
+    "ValueError: invalid literal",
+    "N/A : Format wrong",
+    "Error: the request timed out",
+    "RuntimeError: CUDA out of memory.",
+    "I'm sorry, but I can't help with that.",
+    "I cannot assist with this request.",
+    "As an AI language model I have no opinion.",
+]
+FRAGMENTS = st.sampled_from(
+    [
+        "<prompt>",
+        "</prompt>",
+        "<promt>",
+        "</promt>",
+        "<Prompt >",
+        "<improved_prompt>",
+        "</improved_prompt>",
+        "<analysis>",
+        "</analysis>",
+        "<analisys>",
+        "<answer>",
+        "</answer>",
+        "<",
+        ">",
+        "</",
+        "```",
+        "```python\n",
+        '"',
+        "'",
+        "\u201c",
+        "\u201d",
+        "Here is the improved prompt:\n",
+        "**Improved prompt:**\n",
+        "Sure! Here it is:\n",
+        "{question}",
+        "{{question}}",
+        "{ Question }",
+        "{input}",
+        "{",
+        "}",
+        "{answer}",
+        "\n",
+        "\n\n",
+        " ",
+        "Solve the problem step by step.",
+        "Answer with one word.",
+        "the the the the the the the the",
+        "0123456789",
+        "#$%^&*",
+        "x" * 300,
+        *ERRORS,
+    ]
+) | st.text(max_size=30)
+REPLIES = st.lists(FRAGMENTS, max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(REPLIES, st.sampled_from(["user", "system"]))
+def test_parsing_any_reply_never_raises_and_never_adopts_an_error(reply, kind):
+    prompt = parse_prompt(reply, kind, LIMIT).prompt
+    if prompt is None:
+        return
+    assert prompt.strip() and len(prompt) <= LIMIT
+    assert not any(error in prompt for error in ERRORS)
+    assert prompt.count(SLOT) == (1 if kind == "user" else 0)
+    assert "<prompt>" not in prompt and "</prompt>" not in prompt
+
+
+@settings(max_examples=200, deadline=None)
+@given(REPLIES)
+def test_analysis_of_any_reply_never_raises_and_never_is_an_error(reply):
+    analysis = parse_analysis(reply, LIMIT)
+    assert len(analysis) <= LIMIT and not any(error in analysis for error in ERRORS)
