@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
 
     # 2. The run folder: new, or the interrupted one being resumed.
     run_dir = _open_run(recipe, output_dir, resume)
-    run_dir.log({"event": "start", "phases": list(phases), "resumed": resume is not None})
+    on_event = _event_sink(run_dir)
+    on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path), "resumed": resume is not None})
     started = time.perf_counter()
 
     # 3. Models. The response cache lives in the run folder: a resumed run replays finished generations.
@@ -46,7 +48,7 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
                                              if m in system_prompt_methods() and m != recipe.search.method]
         for method in methods:
             searches[method] = run_search(method, suite.meta_train, base, optimizer, recipe.search,
-                                          seed=recipe.seed, on_event=run_dir.log)
+                                          seed=recipe.seed, on_event=on_event)
         run_dir.write_json("nodes.json", {m: s.nodes for m, s in searches.items()})
 
     # 5. The system prompts to compare on unseen tasks.
@@ -64,14 +66,15 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
             user_prompts = load_user_prompts(run_dir.user_prompts_file)
         else:
             user_prompts = write_user_prompts(suite.meta_test, optimizer, recipe.evaluation.user_prompts_per_task,
-                                              seed=recipe.seed, demos=recipe.evaluation.demos)
+                                              seed=recipe.seed, demos=recipe.evaluation.demos, search=recipe.search,
+                                              on_event=on_event)
             save_user_prompts(run_dir.user_prompts_file, user_prompts)
-        scores = unseen_generalization(suite.meta_test, system_prompts, user_prompts, base, on_event=run_dir.log)
+        scores = unseen_generalization(suite.meta_test, system_prompts, user_prompts, base, on_event=on_event)
     if "adapt" in phases:
         adapt_prompts = {label: system_prompts[label] for label in (*recipe.evaluation.adapt_compare, main_label)
                          if label in system_prompts}
         adaptation = test_time_adaptation(suite.meta_test, adapt_prompts, base, optimizer, recipe.evaluation,
-                                          seed=recipe.seed, on_event=run_dir.log)
+                                          seed=recipe.seed, on_event=on_event, search=recipe.search)
 
     # 7. Result and report.
     result = {
@@ -89,7 +92,7 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     run_dir.write_json("result.json", result)
-    run_dir.log({"event": "done"})
+    on_event({"event": "done", "wall_seconds": result["wall_seconds"]})
     write_report(run_dir.path)
     return run_dir.path
 
@@ -128,6 +131,29 @@ def _settings(spec: GenerationSpec, seed: int) -> GenerationSettings:
                               stop=tuple(spec.stop), seed=seed)
 
 
+def _event_sink(run_dir):
+    """Each event is appended to the run's log and shown as one short line on the terminal."""
+    def sink(event: dict) -> None:
+        run_dir.log(event)
+        print(f"[metaspo] {_describe(event)}", file=sys.stderr, flush=True)
+
+    return sink
+
+
+def _describe(event: dict) -> str:
+    name = event["event"]
+    if name == "search_step":
+        score = f" score {event['score']:.3f}" if isinstance(event.get("score"), (int, float)) else ""
+        adopted = " (adopted)" if event.get("adopted") else ""
+        return (f"{event['method']} iteration {event['iteration']} {event['step']}:{score}{adopted} — "
+                f"{event.get('base_generations', 0)} base generations, {event.get('optimizer_calls', 0)} optimizer calls so far")
+    if name == "unseen_generalization":
+        scores = ", ".join(f"{label} {mean:.3f}" for label, mean in event["scores"].items())
+        return f"unseen {event['task']}: {scores}"
+    details = {k: v for k, v in event.items() if k not in ("event", "scores", "time") and not isinstance(v, dict)}
+    return f"{name} " + " ".join(f"{k}={v}" for k, v in details.items())
+
+
 def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
     from .runs import RunDir
 
@@ -141,7 +167,8 @@ def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
 def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
     totals = {"generated_tokens": 0, "prefill_tokens": 0, "cache_hits": 0}
     for engine in engines:
-        stats = engine.stats
+        # Counters saved with the response cache: a resumed run reports what an uninterrupted one would.
+        stats = engine.total_stats
         for key in totals:
             totals[key] += getattr(stats, key)
     return {"base_generations": base.usage.chats, "optimizer_calls": optimizer.usage.chats, **totals,

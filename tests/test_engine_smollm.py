@@ -14,9 +14,12 @@ SYSTEM = ("You are a careful assistant. Read the question, think briefly, and gi
 
 def test_prefix_reuse_is_token_identical_on_smollm2(smollm):
     model, tokenizer = smollm
-    # 20 chats of clearly different lengths, sharing one system prompt.
-    chats = [make_chat(SYSTEM, f"Question {i}: what is {i} + {2 * i}?" + " Please explain the steps." * (i % 6))
-             for i in range(20)]
+    # 20 chats of clearly different lengths under two system prompts, batched together.
+    systems = [SYSTEM, "You are a concise math tutor."]
+    chats = [
+        make_chat(systems[i % 2], f"Question {i}: what is {i} + {2 * i}?" + " Please explain the steps." * (i % 6))
+        for i in range(20)
+    ]
     engine = HFEngine(model, tokenizer, "smollm2", batch_size=8, progress=False)
     got = engine.generate(chats, GenerationSettings(max_new_tokens=24))
     assert got == plain_generate(model, tokenizer, chats, 24)

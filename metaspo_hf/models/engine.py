@@ -1,15 +1,17 @@
 """The transformers generation engine: chats in, texts out, batched, with shared-prefix KV reuse.
 
-How a batch is generated (and why it matches plain batched ``generate`` token for token):
+How a call is generated (and why it matches plain batched ``generate`` token for token):
 
 1. Chats are rendered through the tokenizer's chat template and tokenized.
-2. Rows that share a system prompt form a group; their longest common token prefix (at least the
-   rendered system turn) is run through the model once, batch size 1.
-3. Each chunk of the group (rows sorted by length, so padding stays small) is laid out as
-   ``[prefix][pads][suffix]``: pads sit between the shared prefix and each row's own suffix. The
-   prefix KV cache is *expanded* to the chunk's batch size (a view, no copy). Positions come from
-   the attention mask's cumulative sum, exactly as ``generate`` computes them for left padding, so
-   every real token sees the same keys at the same positions as in ``[pads][prefix][suffix]``.
+2. Rows that share a system prompt form a group; the group's longest common token prefix (at least
+   the rendered system turn) is run through the model once, batch size 1.
+3. Rows of all groups are sorted by length and cut into chunks of ``batch_size`` (so padding stays
+   small and decode steps are shared by as many rows as possible, whatever their system prompt).
+   Each row is laid out as ``[pads][its group's prefix][pads][its own suffix]``; the chunk's cache
+   holds each row's group prefix (an expanded view when the chunk has one group, no copy).
+   Positions come from the attention mask's cumulative sum, exactly as ``generate`` computes them
+   for left padding, so every real token sees the same keys at the same positions as in
+   ``[pads][prefix][suffix]``.
 4. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
    dropped from the batch and the cache, so they stop costing decode steps.
 """
@@ -29,10 +31,21 @@ from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_has
 
 
 @dataclass
+class _Prefix:
+    length: int
+    kv: list | None  # per layer (keys, values) of shape [1, heads, length, dim]; None when empty
+
+
+@dataclass
 class _Row:
     index: int  # position in the caller's list
     ids: list[int]  # full rendered prompt tokens
     seed: int  # sampling seed of this row (unused when greedy)
+    prefix: _Prefix | None = None
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.ids[self.prefix.length:]
 
 
 class HFEngine:
@@ -69,10 +82,10 @@ class HFEngine:
     # ---- public API ------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
         started = time.perf_counter()
-        texts = [self.render(chat) for chat in chats]
         occurrences: dict[str, int] = {}
         rows, groups = [], {}
-        for i, (chat, text) in enumerate(zip(chats, texts)):
+        for i, chat in enumerate(chats):
+            text = self.render(chat)
             k = occurrences.get(text, 0)
             occurrences[text] = k + 1
             row = _Row(i, self.encode(text), stable_hash(settings.seed, text, k))
@@ -85,18 +98,15 @@ class HFEngine:
                    disable=not self.progress or None, leave=False)
         with torch.inference_mode():
             for group in groups.values():
-                prefix_len = _common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
-                # Every row needs at least one token of its own to produce its first logits.
-                prefix_len = min([prefix_len] + [len(r.ids) - 1 for r in group])
-                prefix_cache = self._prefill_prefix(group[0].ids[:prefix_len])
-                group.sort(key=lambda r: len(r.ids))
-                start = 0
-                while start < len(group):
-                    chunk = group[start:start + self.batch_size]
-                    for row, text in self._generate_chunk_or_split(chunk, prefix_len, prefix_cache, settings):
-                        outputs[row.index] = text
-                    bar.update(len(chunk))
-                    start += len(chunk)
+                prefix = self._prefill_prefix(group)
+                for row in group:
+                    row.prefix = prefix
+            pending = sorted(rows, key=lambda r: len(r.suffix))
+            while pending:
+                chunk, pending = pending[:self.batch_size], pending[self.batch_size:]
+                for row, text in self._generate_chunk_or_split(chunk, settings):
+                    outputs[row.index] = text
+                bar.update(len(chunk))
         bar.close()
         self.stats.calls += 1
         self.stats.prompts += len(rows)
@@ -104,33 +114,63 @@ class HFEngine:
         return outputs
 
     # ---- internals -------------------------------------------------------------------------
-    def _prefill_prefix(self, prefix_ids: list[int]):
-        """KV of the shared prefix (batch 1), or None when there is nothing to share."""
-        if not prefix_ids:
-            return None
-        ids = torch.tensor([prefix_ids], device=self.model.device)
+    def _prefill_prefix(self, group: list[_Row]) -> _Prefix:
+        """KV of the group's common token prefix (batch 1); empty when reuse is off."""
+        length = _common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
+        # Every row needs at least one token of its own to produce its first logits.
+        length = min([length] + [len(r.ids) - 1 for r in group])
+        if length <= 0:
+            return _Prefix(0, None)
+        ids = torch.tensor([group[0].ids[:length]], device=self.model.device)
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        self.stats.prefill_tokens += len(prefix_ids)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        self.stats.prefill_tokens += length
+        return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _expanded_cache(self, prefix_cache, batch: int) -> DynamicCache:
+    def _chunk_cache(self, chunk: list[_Row], width: int) -> DynamicCache:
+        """A cache whose row b holds row b's group prefix, right-aligned in ``width`` slots."""
         cache = DynamicCache(config=self.model.config)
-        if prefix_cache is not None:
-            for layer, (keys, values) in zip(cache.layers, prefix_cache):
-                layer.lazy_initialization(keys, values)
-                # expand() is a view: B rows share one copy of the prefix until the first append.
-                layer.keys = keys.expand(batch, -1, -1, -1)
-                layer.values = values.expand(batch, -1, -1, -1)
+        prefixes = list({id(r.prefix): r.prefix for r in chunk if r.prefix.kv is not None}.values())
+        if not prefixes:
+            return cache
+        batch = len(chunk)
+        if len(prefixes) == 1 and all(r.prefix is prefixes[0] for r in chunk) and prefixes[0].length == width:
+            # One shared prefix: expand() is a view, so the rows share one copy until the first append.
+            layers = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefixes[0].kv]
+        else:
+            layers = self._gathered_prefixes(chunk, width)
+        for layer, (keys, values) in zip(cache.layers, layers):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
         return cache
 
-    def _generate_chunk_or_split(self, chunk: list[_Row], prefix_len: int, prefix_cache, settings):
+    def _gathered_prefixes(self, chunk: list[_Row], width: int) -> list:
+        """Per layer, a [batch, heads, width, dim] copy holding each row's prefix after left zero-padding
+        (the padding is masked out); rows without a prefix get padding only."""
+        template = next(r.prefix.kv for r in chunk if r.prefix.kv is not None)
+        layers = []
+        for layer_index, (k0, _) in enumerate(template):
+            empty = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
+            keys, values = [], []
+            for row in chunk:
+                if row.prefix.kv is None:
+                    keys.append(empty)
+                    values.append(empty)
+                    continue
+                k, v = row.prefix.kv[layer_index]
+                pad = (0, 0, width - row.prefix.length, 0)
+                keys.append(torch.nn.functional.pad(k, pad))
+                values.append(torch.nn.functional.pad(v, pad))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return layers
+
+    def _generate_chunk_or_split(self, chunk: list[_Row], settings: GenerationSettings):
         """On CUDA out-of-memory, halve the batch (for this and later chunks) and retry the halves.
 
         Sampling draws from per-row generators, so splitting a batch never changes what a row gets.
         """
         try:
-            return list(self._generate_chunk(chunk, prefix_len, prefix_cache, settings))
+            return list(self._generate_chunk(chunk, settings))
         except torch.cuda.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
@@ -139,24 +179,25 @@ class HFEngine:
             self.stats.oom_retries += 1
             self.batch_size = max(1, len(chunk) // 2)
             half = len(chunk) // 2
-            return (self._generate_chunk_or_split(chunk[:half], prefix_len, prefix_cache, settings)
-                    + self._generate_chunk_or_split(chunk[half:], prefix_len, prefix_cache, settings))
+            return (self._generate_chunk_or_split(chunk[:half], settings)
+                    + self._generate_chunk_or_split(chunk[half:], settings))
 
-    def _generate_chunk(self, chunk: list[_Row], prefix_len: int, prefix_cache, settings: GenerationSettings):
+    def _generate_chunk(self, chunk: list[_Row], settings: GenerationSettings):
         """Yields (row, text) for every row of the chunk, in any order."""
         device = self.model.device
         batch = len(chunk)
-        suffixes = [r.ids[prefix_len:] for r in chunk]
+        prefix_width = max(r.prefix.length for r in chunk)
+        suffixes = [r.suffix for r in chunk]
         width = max(len(s) for s in suffixes)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, prefix_len + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for b, suffix in enumerate(suffixes):
+        mask = torch.zeros((batch, prefix_width + width), dtype=torch.long)
+        for b, (row, suffix) in enumerate(zip(chunk, suffixes)):
+            mask[b, prefix_width - row.prefix.length:prefix_width] = 1
             input_ids[b, width - len(suffix):] = torch.tensor(suffix)
-            mask[b, prefix_len + width - len(suffix):] = 1
+            mask[b, prefix_width + width - len(suffix):] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
-        cache = self._expanded_cache(prefix_cache, batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_width:]
+        cache = self._chunk_cache(chunk, prefix_width)
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
 
         generators = None

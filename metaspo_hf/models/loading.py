@@ -173,16 +173,18 @@ def _bnb_config(spec: ModelSpec):
 
 def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     """A safetensors copy of a GGUF model in the user cache: dequantizing takes ~20 s, loading this ~1 s."""
+    import torch
+
+    # "auto" means float32 here: GGUF weights are dequantized, and CPU half precision is a deliberate choice.
+    dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
     gguf = Path(source.path) / source.gguf_file
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
     target = cache_dir("models") / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
     # The weights are dequantized now; drop the GGUF marker so that save_pretrained accepts them.

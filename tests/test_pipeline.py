@@ -1,0 +1,110 @@
+"""The whole pipeline: recipe -> models -> tasks -> search -> protocols -> run folder -> report."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from fixtures.fake_bigbench import write_fake_bigbench
+from metaspo_hf import pipeline
+
+LABELS = ["none", "default", "cot", "service", "outer_only", "sprig", "metaspo"]
+
+
+@pytest.fixture
+def offline_bigbench(tmp_path, monkeypatch):
+    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive")))
+    monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_recipe(tmp_path, model_dir):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+model: {{name_or_path: "{model_dir}", batch_size: 8}}
+tasks:
+  suite: bigbench-reasoning
+search: {{iterations: 1, system_candidates: 2, user_candidates: 1, top_k: 1, train_size: 3, test_size: 3}}
+evaluation: {{user_prompts_per_task: 2, adapt_iterations: 1, beam: 1, adapt_candidates: 1}}
+generation:
+  base: {{max_new_tokens: 6, stop: ["</answer>"]}}
+  optimizer: {{max_new_tokens: 12}}
+""")
+    return path
+
+
+def test_reproduce_writes_a_complete_run_folder(tmp_path, offline_bigbench, tiny_model_dir):
+    run_dir = pipeline.run(str(tiny_recipe(tmp_path, tiny_model_dir)), [], phases=pipeline.PHASES,
+                           output_dir=str(tmp_path / "run"))
+    result = json.loads((run_dir / "result.json").read_text())
+    unseen = ["object_counting", "reasoning_about_colored_objects", "epistemic_reasoning"]
+    assert sorted(result["scores"]) == sorted(unseen)
+    for task in unseen:
+        assert sorted(result["scores"][task]) == sorted(LABELS)
+        assert all(cell["n"] == 2 for cell in result["scores"][task].values())
+        assert sorted(result["adaptation"][task]) == ["default", "metaspo"]
+        assert all(len(curve) == 2 for curve in result["adaptation"][task].values())
+    assert result["optimized_system_prompt"] == result["system_prompts"]["metaspo"]
+    assert set(result["meta_train"]) == {"metaspo", "outer_only", "sprig"}
+    costs = result["costs"]
+    assert costs["base_generations"] > 0 and costs["optimizer_calls"] > 0 and costs["generated_tokens"] > 0
+    report = (run_dir / "report.md").read_text()
+    for label in LABELS:
+        assert label in report
+    for plot in ("unseen_generalization.png", "test_time_adaptation.png", "meta_train.png"):
+        assert matplotlib.image.imread(run_dir / plot).size > 0
+    assert (run_dir / "system_prompt.txt").read_text().strip() == result["optimized_system_prompt"].strip()
+    # The user prompts of the unseen-generalization protocol are saved for reuse.
+    prompts = json.loads((run_dir / "user_prompts.json").read_text())
+    assert all(len(prompts[task]) == 2 for task in unseen)
+
+
+def test_rerun_of_a_finished_run_replays_from_the_response_cache(tmp_path, offline_bigbench, tiny_model_dir):
+    recipe = str(tiny_recipe(tmp_path, tiny_model_dir))
+    first = pipeline.run(recipe, [], phases=("train",), output_dir=str(tmp_path / "run"))
+    before = json.loads((first / "result.json").read_text())
+    again = pipeline.run(recipe, [], phases=("train",), output_dir=str(tmp_path / "run"))
+    after = json.loads((again / "result.json").read_text())
+    assert again == first
+    assert after["optimized_system_prompt"] == before["optimized_system_prompt"]
+    assert after["meta_train"] == before["meta_train"]
+    assert after["costs"]["cache_hits"] >= before["costs"]["base_generations"]
+
+
+def test_evaluate_a_system_prompt_file_labels_it_by_its_stem(tmp_path, offline_bigbench, tiny_model_dir):
+    prompt = tmp_path / "concise.txt"
+    prompt.write_text("Answer in one word.")
+    run_dir = pipeline.run(str(tiny_recipe(tmp_path, tiny_model_dir)), ["evaluation.compare=[default]"],
+                           phases=("evaluate",), output_dir=str(tmp_path / "run"), system_prompt_file=str(prompt),
+                           task_names=["bigbench:navigate"])
+    result = json.loads((run_dir / "result.json").read_text())
+    assert list(result["scores"]) == ["navigate"]
+    assert sorted(result["scores"]["navigate"]) == ["concise", "default"]
+    assert result["optimized_system_prompt"] == "Answer in one word."
+
+
+@pytest.mark.smollm
+def test_smoke_recipe_end_to_end_on_smollm2(tmp_path, offline_bigbench):
+    out = tmp_path / "smoke"
+    result = subprocess.run([sys.executable, "-m", "metaspo_hf.cli", "reproduce", "recipes/smoke.yaml",
+                             "--output-dir", str(out), "--set", "tasks.meta_train=[bigbench:navigate,logical_deduction]"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    data = json.loads((out / "result.json").read_text())
+    assert set(data["scores"]["object_counting"]) == {"none", "default", "cot", "outer_only", "sprig", "metaspo"}
+    assert data["optimized_system_prompt"]
+    assert "object_counting" in (out / "report.md").read_text()
