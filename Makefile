@@ -36,6 +36,9 @@ reproduce: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 metaspo reproduce $(RECIPE)
 
 bench: install
+	@# llama-cpp-python compiles llama.cpp into its own cached environment the first time (~8 min on 2 cores);
+	@# when it cannot be built, the benchmark reports the llama.cpp variant as skipped.
+	$(PYTHON) -m metaspo_hf.bench.llama_cpp
 	HF_HUB_OFFLINE=1 metaspo bench
 
 lint: install

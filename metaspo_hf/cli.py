@@ -12,6 +12,7 @@ import traceback
 
 from . import __version__
 from .errors import MetaspoError
+from .pipeline import RunInterrupted
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -132,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"metaspo: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
+    except RunInterrupted as stop:
+        print(f"\nmetaspo: interrupted; finished work is saved in {stop.run_dir}. Continue with:\n"
+              f"  metaspo {args.command} {args.recipe} {' '.join('--set ' + o for o in args.overrides)} "
+              f"--resume {stop.run_dir}".rstrip(), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        resume = getattr(args, "resume", None) or "RUN_DIR"
-        print(f"\nmetaspo: interrupted; completed work is saved. Continue with: metaspo {args.command} "
-              f"{getattr(args, 'recipe', '')} --resume {resume}", file=sys.stderr)
+        print("\nmetaspo: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -18,24 +18,43 @@ from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
 PHASES = ("train", "evaluate", "adapt")
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: everything finished so far is on disk in ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_dir: str | None = None,
         resume: str | None = None, system_prompt_file: str | None = None,
         task_names: list[str] | None = None) -> Path:
-    from .protocols import (BASELINE_SYSTEM_PROMPTS, load_user_prompts, overall_scores, save_user_prompts,
-                            test_time_adaptation, unseen_generalization, write_user_prompts)
-    from .report import write_report
-    from .search import run_search
-    from .search.registry import system_prompt_methods
-
+    """Run ``phases`` of a recipe into a run folder (new, or resumed: finished generations replay from
+    its response cache) and write result.json and the report. Returns the run folder."""
     # 1. Recipe, system prompt file and tasks are checked before anything is written.
     recipe = load_recipe(recipe_name, overrides)
     file_prompt = _read_system_prompt(system_prompt_file) if system_prompt_file else None
     suite = load_tasks(recipe, test_task_names=task_names)
+    check_models(recipe)
 
     # 2. The run folder: new, or the interrupted one being resumed.
     run_dir = _open_run(recipe, output_dir, resume)
+    try:
+        return _execute(recipe, suite, run_dir, phases, system_prompt_file, file_prompt)
+    except KeyboardInterrupt:
+        run_dir.log({"event": "interrupted"})
+        raise RunInterrupted(run_dir.path) from None
+
+
+def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_prompt_file: str | None,
+             file_prompt: str | None) -> Path:
+    from .protocols import (BASELINE_SYSTEM_PROMPTS, load_user_prompts, overall_scores, save_user_prompts,
+                            test_time_adaptation, unseen_generalization, write_user_prompts)
+    from .report import write_report
+    from .search.registry import system_prompt_methods
+
     on_event = _event_sink(run_dir)
-    on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path), "resumed": resume is not None})
+    on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path)})
     started = time.perf_counter()
 
     # 3. Models. The response cache lives in the run folder: a resumed run replays finished generations.
@@ -47,8 +66,7 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
         methods = [recipe.search.method] + [m for m in recipe.evaluation.compare
                                              if m in system_prompt_methods() and m != recipe.search.method]
         for method in methods:
-            searches[method] = run_search(method, suite.meta_train, base, optimizer, recipe.search,
-                                          seed=recipe.seed, on_event=on_event)
+            searches[method] = _search_once(run_dir, method, suite.meta_train, base, optimizer, recipe, on_event)
         run_dir.write_json("nodes.json", {m: s.nodes for m, s in searches.items()})
 
     # 5. The system prompts to compare on unseen tasks.
@@ -110,6 +128,31 @@ def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
     names = test_task_names or recipe.tasks.meta_test
     test = [load_task(name, **sizes) for name in names] if names else suite.meta_test
     return Suite(name=suite.name, meta_train=train, meta_test=test)
+
+
+def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe, on_event):
+    """Run one search, checkpointed when done: a resumed run restores it (and its call counts)
+    instead of replaying it from the response cache."""
+    from .search import SearchResult, run_search
+
+    name = f"search-{method}"
+    saved = run_dir.load_checkpoint(name)
+    if saved is not None:
+        base.usage.chats += saved["base_chats"]
+        optimizer.usage.chats += saved["optimizer_chats"]
+        return SearchResult(**saved["result"])
+    before = base.usage.chats, optimizer.usage.chats
+    result = run_search(method, tasks, base, optimizer, recipe.search, seed=recipe.seed, on_event=on_event)
+    run_dir.save_checkpoint(name, {"result": result.to_dict(), "base_chats": base.usage.chats - before[0],
+                                   "optimizer_chats": optimizer.usage.chats - before[1]})
+    return result
+
+
+def check_models(recipe: Recipe) -> None:
+    from .models.loading import check_loadable
+
+    for spec in filter(None, (recipe.model, recipe.optimizer_model)):
+        check_loadable(spec)
 
 
 def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = True):
@@ -205,16 +248,23 @@ def list_everything() -> None:
 
 def validate(recipe_name: str, overrides: list[str]) -> None:
     """Check a recipe without loading weights: keys, types, values, the model source and task names."""
-    from .models.loading import resolve_source
     from .tasks import suite_task_names
 
+    import torch
+
+    from .models.loading import resolve_source
+
     recipe = load_recipe(recipe_name, overrides)
-    for spec in filter(None, (recipe.model, recipe.optimizer_model)):
+    specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]
+    for spec in specs:
         resolve_source(spec)
     train, test = suite_task_names(recipe.tasks.suite)
     print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
           f"({len(recipe.tasks.meta_train or train)} meta-train, {len(recipe.tasks.meta_test or test)} unseen tasks), "
           f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+    # A valid recipe may still need other hardware than this machine's: say so, without failing.
+    if any(spec.quantization != "none" for spec in specs) and not torch.cuda.is_available():
+        print(f"note: {recipe.path} quantizes with bitsandbytes, which needs a CUDA GPU; this machine has none")
 
 
 def generate_one(recipe_name: str, overrides: list[str], question: str, system_prompt: str | None) -> str:

@@ -98,7 +98,10 @@ def _demos(task: Task, k: int, seed: int, j: int):
 
 
 def save_user_prompts(path: str | Path, user_prompts: dict[str, list[str]]) -> None:
-    Path(path).write_text(json.dumps(user_prompts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Written atomically: a run killed mid-write must not leave a truncated file to resume from."""
+    from .runs import write_json_atomic
+
+    write_json_atomic(path, user_prompts)
 
 
 def load_user_prompts(path: str | Path) -> dict[str, list[str]]:

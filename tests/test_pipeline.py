@@ -52,9 +52,13 @@ def test_reproduce_writes_a_complete_run_folder(tmp_path, offline_bigbench, tiny
     result = json.loads((run_dir / "result.json").read_text())
     unseen = ["object_counting", "reasoning_about_colored_objects", "epistemic_reasoning"]
     assert sorted(result["scores"]) == sorted(unseen)
+    # The user prompts of the unseen-generalization protocol are saved for reuse; a random model's
+    # unusable rewrites fall back to the task's initial prompt, so there may be fewer than asked.
+    prompts = json.loads((run_dir / "user_prompts.json").read_text())
     for task in unseen:
         assert sorted(result["scores"][task]) == sorted(LABELS)
-        assert all(cell["n"] == 2 for cell in result["scores"][task].values())
+        assert 1 <= len(prompts[task]) <= 2
+        assert all(cell["n"] == len(prompts[task]) for cell in result["scores"][task].values())
         assert sorted(result["adaptation"][task]) == ["default", "metaspo"]
         assert all(len(curve) == 2 for curve in result["adaptation"][task].values())
     assert result["optimized_system_prompt"] == result["system_prompts"]["metaspo"]
@@ -67,21 +71,23 @@ def test_reproduce_writes_a_complete_run_folder(tmp_path, offline_bigbench, tiny
     for plot in ("unseen_generalization.png", "test_time_adaptation.png", "meta_train.png"):
         assert matplotlib.image.imread(run_dir / plot).size > 0
     assert (run_dir / "system_prompt.txt").read_text().strip() == result["optimized_system_prompt"].strip()
-    # The user prompts of the unseen-generalization protocol are saved for reuse.
-    prompts = json.loads((run_dir / "user_prompts.json").read_text())
-    assert all(len(prompts[task]) == 2 for task in unseen)
 
 
-def test_rerun_of_a_finished_run_replays_from_the_response_cache(tmp_path, offline_bigbench, tiny_model_dir):
+def test_rerun_of_a_finished_run_generates_nothing_new(tmp_path, offline_bigbench, tiny_model_dir):
+    from metaspo_hf.models.cache import count_responses
+
     recipe = str(tiny_recipe(tmp_path, tiny_model_dir))
     first = pipeline.run(recipe, [], phases=("train",), output_dir=str(tmp_path / "run"))
     before = json.loads((first / "result.json").read_text())
+    responses = count_responses(first / "responses.sqlite")
     again = pipeline.run(recipe, [], phases=("train",), output_dir=str(tmp_path / "run"))
     after = json.loads((again / "result.json").read_text())
     assert again == first
-    assert after["optimized_system_prompt"] == before["optimized_system_prompt"]
-    assert after["meta_train"] == before["meta_train"]
-    assert after["costs"]["cache_hits"] >= before["costs"]["base_generations"]
+    assert count_responses(first / "responses.sqlite") == responses
+    for key in ("optimized_system_prompt", "system_prompts", "meta_train"):
+        assert after[key] == before[key]
+    for key in ("base_generations", "optimizer_calls", "generated_tokens", "prefill_tokens"):
+        assert after["costs"][key] == before["costs"][key]
 
 
 def test_evaluate_a_system_prompt_file_labels_it_by_its_stem(tmp_path, offline_bigbench, tiny_model_dir):
@@ -91,8 +97,8 @@ def test_evaluate_a_system_prompt_file_labels_it_by_its_stem(tmp_path, offline_b
                            phases=("evaluate",), output_dir=str(tmp_path / "run"), system_prompt_file=str(prompt),
                            task_names=["bigbench:navigate"])
     result = json.loads((run_dir / "result.json").read_text())
-    assert list(result["scores"]) == ["navigate"]
-    assert sorted(result["scores"]["navigate"]) == ["concise", "default"]
+    assert list(result["scores"]) == ["bigbench:navigate"]
+    assert sorted(result["scores"]["bigbench:navigate"]) == ["concise", "default"]
     assert result["optimized_system_prompt"] == "Answer in one word."
 
 
@@ -100,7 +106,8 @@ def test_evaluate_a_system_prompt_file_labels_it_by_its_stem(tmp_path, offline_b
 def test_smoke_recipe_end_to_end_on_smollm2(tmp_path, offline_bigbench):
     out = tmp_path / "smoke"
     result = subprocess.run([sys.executable, "-m", "metaspo_hf.cli", "reproduce", "recipes/smoke.yaml",
-                             "--output-dir", str(out), "--set", "tasks.meta_train=[bigbench:navigate,logical_deduction]"],
+                             "--output-dir", str(out), "--set", "tasks.meta_train=[bigbench:navigate]",
+                             "--set", "generation.optimizer.max_new_tokens=32"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -19,9 +20,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = [string.printable * 3, "the answer is <answer>A</answer> system user assistant question " * 20]
+    # Training on the project's own meta-prompts keeps rendered prompts short (fast tests).
+    templates = Path(__file__).resolve().parent.parent / "metaspo_hf" / "search" / "templates"
+    corpus = [string.printable * 3, "the answer is <answer>A</answer> system user assistant question " * 20,
+              *(path.read_text() for path in sorted(templates.glob("*.txt")))]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1500, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(

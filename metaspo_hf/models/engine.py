@@ -19,12 +19,14 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash
@@ -48,6 +50,102 @@ class _Row:
         return self.ids[self.prefix.length:]
 
 
+# Per layer (keys, values) of shape [kv_heads, length, dim]: the prefix shared by every row of the chunk
+# being generated, read by ``_shared_prefix_attention``.
+_shared_prefix_kv: ContextVar[list | None] = ContextVar("shared_prefix_kv", default=None)
+_SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
+# The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
+_SHARED_PREFIX_SOURCES = ("sdpa", "eager")
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of each row over [the shared prefix] + [its own tokens], the prefix read once for all rows.
+
+    Copying the prefix into every row (what a batched cache holds) makes each decode step read it once per
+    row; here its scores come from one matmul of all rows' queries against it. ``attention_mask`` covers
+    the row's own tokens only ([batch, 1, queries, own], True = attend); the prefix is visible to all.
+    """
+    prefix_keys, prefix_values = _shared_prefix_kv.get()[module.layer_idx]
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads * queries  # query vectors per key head and row (heads grouped as repeat_kv does)
+    scaling = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, group, dim)
+    by_head = q.transpose(0, 1).reshape(kv_heads, batch * group, dim)
+    prefix_scores = torch.matmul(by_head, prefix_keys.transpose(1, 2)).view(kv_heads, batch, group, -1).transpose(0, 1)
+    own_scores = torch.matmul(q, key.transpose(2, 3))
+    mask = attention_mask[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, 1, group, -1)
+    own_scores = own_scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float() * scaling, dim=-1).to(query.dtype)
+    length = prefix_keys.shape[1]
+    prefix_probs = probs[..., :length].transpose(0, 1).reshape(kv_heads, batch * group, length)
+    out = torch.matmul(prefix_probs, prefix_values).view(kv_heads, batch, group, dim).transpose(0, 1)
+    out = out + torch.matmul(probs[..., length:], value)
+    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+
+
+@contextmanager
+def _attending_to(model, prefix: "_Prefix | None"):
+    """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None)."""
+    if prefix is None:
+        yield
+        return
+    previous = model.config._attn_implementation
+    token = _shared_prefix_kv.set([(k[0], v[0]) for k, v in prefix.kv])
+    model.config._attn_implementation = _SHARED_PREFIX_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+        _shared_prefix_kv.reset(token)
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once per chunk: a decode step writes its token
+    in place, where the default layer concatenates (copying the whole cache at every step)."""
+
+    def __init__(self, keys, values, length: int, capacity: int):
+        super().__init__()
+        self.buffers = (keys, values)
+        self.length = length
+        self.capacity = capacity
+        if keys is not None:
+            self._set_views()
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
+        self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+        self._set_views()
+
+    def _set_views(self) -> None:
+        keys, values = self.buffers
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys[:, :, :self.length], values[:, :, :self.length]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.buffers
+        end = self.length + key_states.shape[-2]
+        keys[:, :, self.length:end] = key_states
+        values[:, :, self.length:end] = value_states
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.buffers = tuple(buffer[indices] for buffer in self.buffers)
+            self._set_views()
+
+
 class HFEngine:
     """Generation with a loaded transformers causal LM and its tokenizer."""
 
@@ -59,13 +157,17 @@ class HFEngine:
         batch_size: int = 32,
         prefix_reuse: bool = True,
         progress: bool = True,
+        suppress_eos: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.prefix_reuse = prefix_reuse and _cache_is_plain(model)
+        self._attention_source = model.config._attn_implementation
         self.progress = progress
+        # Benchmarks generate exactly max_new_tokens: EOS logits are masked, as generate's min_new_tokens does.
+        self.suppress_eos = suppress_eos
         self.stats = EngineStats()
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -81,6 +183,12 @@ class HFEngine:
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
+        return [cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), settings.stop)
+                for ids in self.generate_ids(chats, settings, desc)]
+
+    def generate_ids(self, chats: Sequence[Chat], settings: GenerationSettings,
+                     desc: str | None = None) -> list[list[int]]:
+        """The generated token ids of each chat (EOS left out; a stop string's tokens kept)."""
         started = time.perf_counter()
         occurrences: dict[str, int] = {}
         rows, groups = [], {}
@@ -93,7 +201,7 @@ class HFEngine:
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
             groups.setdefault(system, []).append(row)
 
-        outputs: list[str] = [""] * len(rows)
+        outputs: list[list[int]] = [[] for _ in rows]
         bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
                    disable=not self.progress or None, leave=False)
         with torch.inference_mode():
@@ -104,8 +212,8 @@ class HFEngine:
             pending = sorted(rows, key=lambda r: len(r.suffix))
             while pending:
                 chunk, pending = pending[:self.batch_size], pending[self.batch_size:]
-                for row, text in self._generate_chunk_or_split(chunk, settings):
-                    outputs[row.index] = text
+                for row, ids in self._generate_chunk_or_split(chunk, settings):
+                    outputs[row.index] = ids
                 bar.update(len(chunk))
         bar.close()
         self.stats.calls += 1
@@ -116,53 +224,46 @@ class HFEngine:
     # ---- internals -------------------------------------------------------------------------
     def _prefill_prefix(self, group: list[_Row]) -> _Prefix:
         """KV of the group's common token prefix (batch 1); empty when reuse is off."""
-        length = _common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
+        length = common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
         # Every row needs at least one token of its own to produce its first logits.
         length = min([length] + [len(r.ids) - 1 for r in group])
         if length <= 0:
             return _Prefix(0, None)
         ids = torch.tensor([group[0].ids[:length]], device=self.model.device)
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: the prefix's logits are never read, and the vocabulary projection is a fifth of the work.
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.stats.prefill_tokens += length
         return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _chunk_cache(self, chunk: list[_Row], width: int) -> DynamicCache:
-        """A cache whose row b holds row b's group prefix, right-aligned in ``width`` slots."""
-        cache = DynamicCache(config=self.model.config)
-        prefixes = list({id(r.prefix): r.prefix for r in chunk if r.prefix.kv is not None}.values())
-        if not prefixes:
-            return cache
-        batch = len(chunk)
-        if len(prefixes) == 1 and all(r.prefix is prefixes[0] for r in chunk) and prefixes[0].length == width:
-            # One shared prefix: expand() is a view, so the rows share one copy until the first append.
-            layers = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefixes[0].kv]
-        else:
-            layers = self._gathered_prefixes(chunk, width)
-        for layer, (keys, values) in zip(cache.layers, layers):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-        return cache
+    def _shared_prefix(self, chunk: list[_Row]) -> _Prefix | None:
+        """The chunk's one prefix when every row has it and attention can read it once for all rows."""
+        prefix = chunk[0].prefix
+        if prefix.kv is None or any(r.prefix is not prefix for r in chunk):
+            return None
+        return prefix if self._attention_source in _SHARED_PREFIX_SOURCES else None
 
-    def _gathered_prefixes(self, chunk: list[_Row], width: int) -> list:
-        """Per layer, a [batch, heads, width, dim] copy holding each row's prefix after left zero-padding
-        (the padding is masked out); rows without a prefix get padding only."""
-        template = next(r.prefix.kv for r in chunk if r.prefix.kv is not None)
+    def _chunk_cache(self, chunk: list[_Row], width: int, capacity: int, shared: _Prefix | None) -> DynamicCache:
+        """A cache of ``capacity`` slots per row. With a ``shared`` prefix it holds only the rows' own tokens;
+        otherwise its first ``width`` slots hold each row's group prefix, right-aligned (the slots left of a
+        shorter prefix are masked out, but must hold finite numbers)."""
+        cache = DynamicCache(config=self.model.config)
+        template = None if shared is not None else next((r.prefix.kv for r in chunk if r.prefix.kv), None)
+        if template is None:
+            cache.layers = [_BufferLayer(None, None, 0, capacity) for _ in cache.layers]
+            return cache
         layers = []
-        for layer_index, (k0, _) in enumerate(template):
-            empty = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
-            keys, values = [], []
-            for row in chunk:
-                if row.prefix.kv is None:
-                    keys.append(empty)
-                    values.append(empty)
-                    continue
-                k, v = row.prefix.kv[layer_index]
-                pad = (0, 0, width - row.prefix.length, 0)
-                keys.append(torch.nn.functional.pad(k, pad))
-                values.append(torch.nn.functional.pad(v, pad))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        return layers
+        for layer_index, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros((len(chunk), k0.shape[1], capacity, k0.shape[3]))
+            values = v0.new_zeros((len(chunk), v0.shape[1], capacity, v0.shape[3]))
+            for b, row in enumerate(chunk):
+                if row.prefix.kv is not None:
+                    k, v = row.prefix.kv[layer_index]
+                    keys[b, :, width - row.prefix.length:width] = k[0]
+                    values[b, :, width - row.prefix.length:width] = v[0]
+            layers.append(_BufferLayer(keys, values, width, capacity))
+        cache.layers = layers
+        return cache
 
     def _generate_chunk_or_split(self, chunk: list[_Row], settings: GenerationSettings):
         """On CUDA out-of-memory, halve the batch (for this and later chunks) and retry the halves.
@@ -183,21 +284,30 @@ class HFEngine:
                     + self._generate_chunk_or_split(chunk[half:], settings))
 
     def _generate_chunk(self, chunk: list[_Row], settings: GenerationSettings):
-        """Yields (row, text) for every row of the chunk, in any order."""
+        """Yields (row, generated ids) for every row of the chunk, in any order."""
         device = self.model.device
         batch = len(chunk)
+        shared = self._shared_prefix(chunk)
         prefix_width = max(r.prefix.length for r in chunk)
+        # Slots of the cache: with a shared prefix, only each row's own tokens; else prefix slots first.
+        first_slot = 0 if shared is not None else prefix_width
         suffixes = [r.suffix for r in chunk]
         width = max(len(s) for s in suffixes)
+        capacity = first_slot + width + settings.max_new_tokens
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, prefix_width + width), dtype=torch.long)
+        # Which slots hold real tokens; generated tokens always do, so every step reads a slice of it.
+        valid = torch.ones((batch, capacity), dtype=torch.bool)
         for b, (row, suffix) in enumerate(zip(chunk, suffixes)):
-            mask[b, prefix_width - row.prefix.length:prefix_width] = 1
             input_ids[b, width - len(suffix):] = torch.tensor(suffix)
-            mask[b, prefix_width + width - len(suffix):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_width:]
-        cache = self._chunk_cache(chunk, prefix_width)
+            valid[b, first_slot:first_slot + width - len(suffix)] = False
+            if shared is None:
+                valid[b, :prefix_width - row.prefix.length] = False
+        input_ids, valid = input_ids.to(device), valid.to(device)
+        end = first_slot + width
+        # Positions count real tokens only (the prefix's included), as generate does for left padding.
+        offset = prefix_width if shared is not None else 0
+        positions = (valid[:, :end].cumsum(-1) - 1 + offset).clamp(min=0)[:, first_slot:]
+        cache = self._chunk_cache(chunk, prefix_width, capacity, shared)
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
 
         generators = None
@@ -207,33 +317,41 @@ class HFEngine:
         new_tokens: list[list[int]] = [[] for _ in chunk]
         stop_tail = max((len(s) for s in settings.stop), default=0)
 
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits[:, -1, :]
-        for _step in range(settings.max_new_tokens):
-            next_tokens = self._pick(logits, settings, [generators[i] for i in active] if generators else None)
-            keep = []
-            for slot, token in enumerate(next_tokens.tolist()):
-                row = active[slot]
-                if token in self.eos_ids:
-                    continue
-                new_tokens[row].append(token)
-                if len(new_tokens[row]) < settings.max_new_tokens and not self._hit_stop(new_tokens[row], settings.stop, stop_tail):
-                    keep.append(slot)
-            self.stats.generated_tokens += len(active)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_tokens, positions = mask[index], next_tokens[index], positions[index]
-                active = [active[s] for s in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            logits = self.model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+        def attention_mask(queries: int) -> torch.Tensor:
+            if shared is None:  # the model builds the mask its attention implementation expects
+                return valid[:, :end]
+            # Ours: [batch, 1, queries, own slots], query i sitting in slot end - queries + i.
+            causal = torch.ones((queries, end), dtype=torch.bool, device=device).tril(diagonal=end - queries)
+            return valid[:, None, None, :end] & causal
+
+        with _attending_to(self.model, shared):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            for _step in range(settings.max_new_tokens):
+                next_tokens = self._pick(logits, settings, [generators[i] for i in active] if generators else None)
+                keep = []
+                for slot, token in enumerate(next_tokens.tolist()):
+                    row = active[slot]
+                    if token in self.eos_ids:
+                        continue
+                    new_tokens[row].append(token)
+                    if len(new_tokens[row]) < settings.max_new_tokens and not self._hit_stop(new_tokens[row], settings.stop, stop_tail):
+                        keep.append(slot)
+                self.stats.generated_tokens += len(active)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    valid, next_tokens, positions = valid[index], next_tokens[index], positions[index]
+                    active = [active[s] for s in keep]
+                end += 1
+                positions = positions[:, -1:] + 1
+                logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask(1),
+                                    position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :]
 
         for row, tokens in zip(chunk, new_tokens):
-            yield row, cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), settings.stop)
+            yield row, tokens
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...], tail_chars: int) -> bool:
         if not stops:
@@ -242,8 +360,9 @@ class HFEngine:
         tail = self.tokenizer.decode(tokens[-(tail_chars + 4):], skip_special_tokens=True)
         return any(s in tail for s in stops)
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, settings: GenerationSettings, generators) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, settings: GenerationSettings, generators) -> torch.Tensor:
+        if self.suppress_eos:
+            logits[:, sorted(self.eos_ids)] = float("-inf")
         if settings.greedy:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
@@ -261,7 +380,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def _common_prefix_len(sequences: list[list[int]]) -> int:
+def common_prefix_len(sequences: list[list[int]]) -> int:
     first = sequences[0]
     length = min(len(s) for s in sequences)
     for seq in sequences[1:]:

@@ -102,6 +102,16 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
     return ModelSource("hub", name, spec.gguf_file)
 
 
+def check_loadable(spec: ModelSpec) -> ModelSource:
+    """What can be known without loading weights: the source exists, and the hardware fits the settings."""
+    import torch
+
+    if spec.quantization != "none" and not torch.cuda.is_available():
+        raise MetaspoError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes), and none is visible",
+                           hint="set model.quantization: none to run on CPU", key="quantization")
+    return resolve_source(spec)
+
+
 def packaged_gguf_path(name: str) -> Path:
     packaged = PACKAGED_MODELS[name]
     try:
@@ -130,10 +140,7 @@ def load_model(spec: ModelSpec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     on_cuda = torch.cuda.is_available()
-    if spec.quantization != "none" and not on_cuda:
-        raise MetaspoError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes), and none is visible",
-                           hint="set model.quantization: none to run on CPU", key="quantization")
-    source = resolve_source(spec)
+    source = check_loadable(spec)
     if source.kind in ("packaged", "gguf"):
         folder = _converted_gguf(source, spec)
         source = ModelSource("folder", str(folder))

@@ -1,0 +1,91 @@
+"""W1 on a GPU: a Llama-3.2-3B-shaped model with random weights (built from a config, nothing
+downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4.
+
+    python -m metaspo_hf.bench.gpu --out bench/results/gpu.json [--chats 64] [--quant 4bit]
+
+Random weights make the text meaningless but not the cost: every variant still runs the full
+prefill and exactly ``new_tokens`` decode steps. The prompts are W1's, tokenized by the embedded
+SmolLM2 tokenizer (the model's vocabulary is larger, so every id is valid). ``--tiny`` swaps in a
+two-layer model of the same family, to check the script on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import machine, w1
+
+# Llama-3.2-3B's published shape; the weights are random, so nothing is downloaded.
+LLAMA_3_2_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                    num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+                    rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+TINY = dict(LLAMA_3_2_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def build_model(shape: dict, quant: str, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**shape)
+    torch.manual_seed(0)
+    if quant == "none":
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    # bitsandbytes quantizes while loading, so the random bf16 weights go through a temporary folder.
+    from transformers import BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory(prefix="metaspo-gpu-bench-") as folder:
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                    device_map={"": device}).eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m metaspo_hf.bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="JSON file for the results")
+    # 64 rows: what the 3B recipe batches on a 24 GB GPU.
+    parser.add_argument("--chats", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=w1.Workload.new_tokens)
+    parser.add_argument("--quant", choices=("none", "4bit"), default="none")
+    parser.add_argument("--tiny", action="store_true", help="a two-layer model, to check the script on CPU")
+    args = parser.parse_args(argv)
+
+    from ..models.loading import ModelSpec, load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
+    model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device)
+    workload = replace(w1.Workload(), chats=args.chats, new_tokens=args.new_tokens)
+    runs = w1.run_hf_variants(model, tokenizer, workload, naive=False)
+    variants = {name: runs[name]["timing"].as_dict() for name in ("batched", "engine")}
+    system_tokens = len(tokenizer(w1.SYSTEM_PROMPT, add_special_tokens=False)["input_ids"])
+    results = {
+        "model": f"Llama-3.2-3B shape, random weights, {'bfloat16' if args.quant == 'none' else 'nf4 4-bit'}",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "machine": machine(torch.get_num_threads()),
+        "workload": {**w1.workload_info(workload, runs["prompt_tokens"], runs["shared_prefix_tokens"], system_tokens),
+                     "dtype": "bfloat16", "device": device, "quant": args.quant},
+        "variants": variants,
+        "ratios": {"engine_over_batched": round(variants["engine"]["tok_s"] / variants["batched"]["tok_s"], 2)},
+        "engine_identical_to_batched": w1.identity(runs["engine"]["ids"], runs["batched"]["ids"])["identical"],
+        "identity": w1.identity(runs["engine"]["ids"], runs["batched"]["ids"]),
+    }
+    print(json.dumps({k: results[k] for k in ("model", "device", "variants", "ratios", "engine_identical_to_batched")},
+                     indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(args.out, file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

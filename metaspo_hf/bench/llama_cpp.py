@@ -1,0 +1,108 @@
+"""llama-cpp-python for W1, in its own cached virtual environment.
+
+It is kept out of our environment on purpose: it compiles llama.cpp from source (about 8 minutes on
+2 cores) and nothing but the benchmark needs it. ``setup()`` builds it once under
+``cache_dir("bench")/llama-venv`` (``make bench`` calls ``python -m metaspo_hf.bench.llama_cpp``);
+``measure()`` runs ``llama_cpp_worker.py`` there as a subprocess and reads its JSON back. When the
+build fails (no compiler, no access to PyPI), the reason is kept next to the environment and the
+benchmark reports the variant as skipped instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+from pathlib import Path
+
+from ..paths import cache_dir
+
+# The release whose low-level API (llama_memory_*, kv_unified) the worker is written against.
+VERSION = "0.3.36"
+# Native code for this CPU (AVX-512 here); the environment is never copied to another machine.
+CMAKE_ARGS = "-DGGML_NATIVE=ON"
+WORKER = Path(__file__).with_name("llama_cpp_worker.py")
+
+
+def env_dir() -> Path:
+    return cache_dir("bench") / "llama-venv"
+
+
+def _python(root: Path) -> Path:
+    return root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _failure_file() -> Path:
+    return cache_dir("bench") / "llama-venv.failed"
+
+
+def is_ready() -> bool:
+    python = _python(env_dir())
+    if not python.is_file():
+        return False
+    probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and probe.stdout.strip() == VERSION
+
+
+def setup(force: bool = False) -> str | None:
+    """Builds the environment when missing; returns None when ready, else why it could not be built."""
+    if is_ready() and not force:
+        return None
+    root = env_dir()
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"[bench] building llama-cpp-python {VERSION} into {root} (compiles llama.cpp; ~8 min on 2 cores)",
+          file=sys.stderr, flush=True)
+    try:
+        venv.create(root, with_pip=True, clear=True)
+        env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+        built = subprocess.run([str(_python(root)), "-m", "pip", "install", "--no-cache-dir",
+                                f"llama-cpp-python=={VERSION}"], env=env, capture_output=True, text=True)
+    except OSError as error:
+        return _failed(f"cannot create the environment: {error}")
+    if built.returncode != 0:
+        tail = " ".join((built.stderr or built.stdout).strip().splitlines()[-3:])
+        return _failed(f"pip could not build llama-cpp-python {VERSION}: {tail[-400:]}")
+    _failure_file().unlink(missing_ok=True)
+    return None
+
+
+def _failed(reason: str) -> str:
+    _failure_file().write_text(reason)
+    return reason
+
+
+def skip_reason() -> str | None:
+    """None when the environment is ready; otherwise what to tell the user."""
+    if is_ready():
+        return None
+    failure = _failure_file()
+    if failure.is_file():
+        return f"llama-cpp-python could not be built: {failure.read_text().strip()}"
+    return ("llama-cpp-python is not installed in the benchmark environment; "
+            "`make bench` builds it (or run `python -m metaspo_hf.bench.llama_cpp`)")
+
+
+def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, suppress: list[int]) -> dict:
+    """The worker's results: {"version", then one entry per path} (see llama_cpp_worker.py)."""
+    job = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
+           "suppress": suppress}
+    with tempfile.TemporaryDirectory(prefix="metaspo-bench-") as folder:
+        job_path, out_path = Path(folder) / "job.json", Path(folder) / "out.json"
+        job_path.write_text(json.dumps(job))
+        done = subprocess.run([str(_python(env_dir())), str(WORKER), str(job_path), str(out_path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the llama.cpp worker failed: {done.stderr.strip()[-600:]}")
+        return json.loads(out_path.read_text())
+
+
+if __name__ == "__main__":
+    problem = setup(force="--force" in sys.argv)
+    # The benchmark runs without llama.cpp when it cannot be built, so a failed build is not an error.
+    print(f"[bench] llama.cpp skipped: {problem}" if problem else f"[bench] llama-cpp-python {VERSION} ready",
+          file=sys.stderr)
