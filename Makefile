@@ -1,5 +1,7 @@
 # metaspo-hf — every target calls the `metaspo` CLI; recipes are read by the CLI, never by make.
 PYTHON ?= python3
+# The `metaspo` command, run by the same interpreter that make installs into (no PATH surprises).
+METASPO ?= $(PYTHON) -m metaspo_hf.cli
 RECIPE ?= recipes/smollm2-135m-cpu.yaml
 STAMP := .make/installed
 
@@ -33,13 +35,13 @@ test-gpu: install
 	$(PYTHON) -m pytest -m "gpu" -q
 
 reproduce: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 metaspo reproduce $(RECIPE)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(METASPO) reproduce $(RECIPE)
 
 bench: install
 	@# llama-cpp-python compiles llama.cpp into its own cached environment the first time (~8 min on 2 cores);
 	@# when it cannot be built, the benchmark reports the llama.cpp variant as skipped.
 	$(PYTHON) -m metaspo_hf.bench.llama_cpp
-	HF_HUB_OFFLINE=1 metaspo bench
+	HF_HUB_OFFLINE=1 $(METASPO) bench
 
 lint: install
 	$(PYTHON) -m ruff check metaspo_hf tests
