@@ -48,8 +48,15 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
 
 def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_prompt_file: str | None,
              file_prompt: str | None) -> Path:
-    from .protocols import (BASELINE_SYSTEM_PROMPTS, load_user_prompts, overall_scores, save_user_prompts,
-                            test_time_adaptation, unseen_generalization, write_user_prompts)
+    from .protocols import (
+        BASELINE_SYSTEM_PROMPTS,
+        load_user_prompts,
+        overall_scores,
+        save_user_prompts,
+        test_time_adaptation,
+        unseen_generalization,
+        write_user_prompts,
+    )
     from .report import write_report
     from .search.registry import system_prompt_methods
 
@@ -248,11 +255,10 @@ def list_everything() -> None:
 
 def validate(recipe_name: str, overrides: list[str]) -> None:
     """Check a recipe without loading weights: keys, types, values, the model source and task names."""
-    from .tasks import suite_task_names
-
     import torch
 
     from .models.loading import resolve_source
+    from .tasks import suite_task_names
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]

@@ -236,10 +236,6 @@ class RunDir:
         return self.path / "nodes.json"
 
     @property
-    def costs_file(self) -> Path:
-        return self.path / "costs.json"
-
-    @property
     def result_file(self) -> Path:
         return self.path / "result.json"
 

@@ -21,6 +21,15 @@ def tiny_llama(tiny_tokenizer):
     return tiny_model(tiny_tokenizer, "llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    """The tiny random model and its tokenizer saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test writes caches under a temporary folder, except converted models, which are shared

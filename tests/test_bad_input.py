@@ -4,8 +4,8 @@ and nothing half-written (no run folder at all)."""
 import json
 
 import pytest
-
 from fixtures.fake_bigbench import write_fake_bigbench
+
 from metaspo_hf.cli import main
 
 TINY_SEARCH = "search: {iterations: 1, system_candidates: 1, user_candidates: 1, top_k: 1, train_size: 2, test_size: 2}\n"

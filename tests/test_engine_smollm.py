@@ -1,10 +1,10 @@
 """The engine on the embedded SmolLM2: token-identical to plain batched generate on a real model."""
 
 import pytest
+from test_engine import plain_generate
 
 from metaspo_hf.models.base import GenerationSettings, make_chat
 from metaspo_hf.models.engine import HFEngine
-from test_engine import plain_generate
 
 pytestmark = pytest.mark.smollm
 

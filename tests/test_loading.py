@@ -11,20 +11,9 @@ from metaspo_hf.models.base import GenerationSettings, make_chat
 from metaspo_hf.models.loading import ModelSpec, load_engines, resolve_source
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tiny import tiny_model, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_sources_are_recognised(tmp_path, tiny_folder):
+def test_sources_are_recognised(tmp_path, tiny_model_dir):
     assert resolve_source(ModelSpec(name_or_path="smollm2-135m-instruct")).kind == "packaged"
-    assert resolve_source(ModelSpec(name_or_path=str(tiny_folder))).kind == "folder"
+    assert resolve_source(ModelSpec(name_or_path=str(tiny_model_dir))).kind == "folder"
     assert resolve_source(ModelSpec(name_or_path="Qwen/Qwen2.5-7B-Instruct")).kind == "hub"
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -39,19 +28,19 @@ def test_missing_local_model_is_a_clear_error(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_quantization_without_cuda_is_refused(tiny_folder):
+def test_quantization_without_cuda_is_refused(tiny_model_dir):
     with pytest.raises(MetaspoError, match="needs a CUDA GPU"):
-        loading.load_model(ModelSpec(name_or_path=str(tiny_folder), quantization="4bit"))
+        loading.load_model(ModelSpec(name_or_path=str(tiny_model_dir), quantization="4bit"))
 
 
-def test_roles_share_one_model_when_the_recipe_names_the_same(tiny_folder):
-    spec = ModelSpec(name_or_path=str(tiny_folder))
+def test_roles_share_one_model_when_the_recipe_names_the_same(tiny_model_dir):
+    spec = ModelSpec(name_or_path=str(tiny_model_dir))
     base, optimizer = load_engines(spec, None, progress=False)
     assert base is optimizer
-    base, optimizer = load_engines(spec, ModelSpec(name_or_path=str(tiny_folder)), progress=False)
+    base, optimizer = load_engines(spec, ModelSpec(name_or_path=str(tiny_model_dir)), progress=False)
     assert base is optimizer
     base, optimizer = load_engines(
-        spec, ModelSpec(name_or_path=str(tiny_folder), dtype="bfloat16"), progress=False
+        spec, ModelSpec(name_or_path=str(tiny_model_dir), dtype="bfloat16"), progress=False
     )
     assert base is not optimizer
 

@@ -6,8 +6,8 @@ import sys
 
 import matplotlib.image
 import pytest
-
 from fixtures.fake_bigbench import write_fake_bigbench
+
 from metaspo_hf import pipeline
 
 LABELS = ["none", "default", "cot", "service", "outer_only", "sprig", "metaspo"]
@@ -18,17 +18,6 @@ def offline_bigbench(tmp_path, monkeypatch):
     monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive")))
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tiny import tiny_model, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_recipe(tmp_path, model_dir):

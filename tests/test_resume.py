@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fixtures.fake_bigbench import write_fake_bigbench
 
 # Everything in result.json except wall-clock figures and the cache-hit counter must match.
@@ -23,17 +22,6 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     return {**os.environ, "HF_HUB_OFFLINE": "1", "METASPO_CACHE": str(root / "cache"),
             "METASPO_BIGBENCH_ARCHIVE": str(write_fake_bigbench(root / "archive"))}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tiny import tiny_model, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def command(out: Path, *overrides: str) -> list[str]:

@@ -181,7 +181,7 @@ def test_no_environment_secret_reaches_the_run_folder(tmp_path, monkeypatch):
             data = path.read_bytes()
             assert secret.encode() not in data and b"sk-another-secret-42" not in data, path.name
     assert yaml.safe_load(run.recipe_file.read_text())["model"]["token"] == REDACTED
-    assert read_json(run.costs_file) == {"generated_tokens": 12, "max_new_tokens": 64}, (
+    assert read_json(run.path / "costs.json") == {"generated_tokens": 12, "max_new_tokens": 64}, (
         "counters are not secrets"
     )
 

@@ -64,7 +64,9 @@ def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name
 
 def _llama_cpp(workload: w1.Workload, tokenizer, gguf: Path | None, hf: dict) -> dict:
     """The best llama.cpp path (by tok/s) with every path's figures, or why it was skipped."""
-    from . import llama_cpp  # not at the top: `python -m metaspo_hf.bench.llama_cpp` imports this package first
+    from . import (
+        llama_cpp,  # not at the top: `python -m metaspo_hf.bench.llama_cpp` imports this package first
+    )
 
     if gguf is None:
         return {"skipped": "the model has no GGUF file"}

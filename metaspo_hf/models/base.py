@@ -7,8 +7,9 @@ real transformers engine and the scripted fake used in tests are interchangeable
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Chat = list  # list[Message]
@@ -48,7 +49,7 @@ class EngineStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def add(self, other: "EngineStats") -> None:
+    def add(self, other: EngineStats) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
@@ -73,14 +74,14 @@ class LM:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     role: str = "base"
     # Chats sent through this role (one chat = one generation), shared with reseeded copies.
-    usage: "RoleUsage" = field(default_factory=lambda: RoleUsage())
+    usage: RoleUsage = field(default_factory=lambda: RoleUsage())
 
     def __call__(self, chats: Sequence[Chat], desc: str | None = None) -> list[str]:
         self.usage.chats += len(chats)
         self.usage.calls += 1
         return self.engine.generate(list(chats), self.settings, desc=desc)
 
-    def with_seed(self, seed: int) -> "LM":
+    def with_seed(self, seed: int) -> LM:
         """The same role with another sampling seed (e.g. one per search step); counts stay shared."""
         return replace(self, settings=replace(self.settings, seed=seed))
 

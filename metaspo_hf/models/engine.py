@@ -19,10 +19,10 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -88,7 +88,7 @@ AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
 
 
 @contextmanager
-def _attending_to(model, prefix: "_Prefix | None"):
+def _attending_to(model, prefix: _Prefix | None):
     """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None)."""
     if prefix is None:
         yield

@@ -5,7 +5,7 @@ Tests use it to pin exact call counts and to feed adversarial optimizer outputs,
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash  # noqa: F401 (re-export)
 
