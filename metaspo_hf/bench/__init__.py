@@ -131,22 +131,24 @@ def format_tables(results: dict) -> str:
     lines = [f"W1: {work['chats']} chats x {work['new_tokens']} new tokens (EOS suppressed), greedy, "
              f"{results['model']} {work['dtype']} on {work['device']}, {work['threads']} threads; "
              f"shared prefix {work['shared_prefix_tokens']} tokens, prompts {work['prompt_tokens_mean']} tokens on average",
-             f"{'variant':<11}{'tok/s':>9}{'wall s':>9}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"]
+             f"{'variant':<19}{'tok/s':>8}{'wall s':>9}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"]
     batched = results["variants"]["batched"]["tok_s"]
+
+    def row(label: str, figures: dict) -> str:
+        return (f"{label:<19}{figures['tok_s']:>8.1f}{figures['wall_s']:>9.2f}{figures['prefill_s']:>11.2f}"
+                f"{figures['decode_s']:>10.2f}{figures['tok_s'] / batched:>11.2f}x")
+
     for name, figures in results["variants"].items():
         if "skipped" in figures:
-            lines.append(f"{name:<11}skipped: {figures['skipped']}")
+            lines.append(f"{name:<19}skipped: {figures['skipped']}")
             continue
-        label = f"{name} ({figures['path']})" if "path" in figures else name
-        lines.append(f"{label:<11}{figures['tok_s']:>9.1f}{figures['wall_s']:>9.2f}{figures['prefill_s']:>11.2f}"
-                     f"{figures['decode_s']:>10.2f}{figures['tok_s'] / batched:>11.2f}x")
+        lines.append(row(f"{name} (best)" if "paths" in figures else name, figures))
         for path, other in figures.get("paths", {}).items():
             if "failed" in other:
                 lines.append(f"  {path}: failed: {other['failed']}")
                 continue
-            lines.append(f"  {path:<9}{other['tok_s']:>9.1f}{other['wall_s']:>9.2f}{other['prefill_s']:>11.2f}"
-                         f"{other['decode_s']:>10.2f}{other['tok_s'] / batched:>11.2f}x"
-                         f"   rows equal to batched: {other['rows_equal_to_batched']}/{work['chats']}")
+            lines.append(row(f"  {path}", other) + f"   rows equal to batched: {other['rows_equal_to_batched']}"
+                         f"/{work['chats']}")
     ratio = results["ratios"]
     for key, target in results["targets"].items():
         value = ratio.get(key)

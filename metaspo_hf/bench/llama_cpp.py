@@ -94,7 +94,8 @@ def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int,
     with tempfile.TemporaryDirectory(prefix="metaspo-bench-") as folder:
         job_path, out_path = Path(folder) / "job.json", Path(folder) / "out.json"
         job_path.write_text(json.dumps(job))
-        done = subprocess.run([str(_python(env_dir())), str(WORKER), str(job_path), str(out_path)],
+        # -I keeps the worker's own folder off sys.path: this file would shadow the llama_cpp package.
+        done = subprocess.run([str(_python(env_dir())), "-I", str(WORKER), str(job_path), str(out_path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the llama.cpp worker failed: {done.stderr.strip()[-600:]}")

@@ -173,14 +173,14 @@ def run_hf_variants(model, tokenizer, workload: Workload, naive: bool = True) ->
 
 def identity(ids: list[list[int]], reference: list[list[int]]) -> dict:
     """Whether two generations are token-identical, and where the first difference of each row is."""
-    rows_equal = sum(a == b for a, b in zip(ids, reference, strict=True))
-    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ids, reference)]
-    return {"identical": rows_equal == len(reference), "rows_equal": rows_equal, "rows": len(reference),
-            "first_difference": [f for f in first if f is not None]}
+    pairs = list(zip(ids, reference, strict=True))
+    first = [common_prefix_len([a, b]) for a, b in pairs if a != b]
+    return {"identical": not first, "rows_equal": len(pairs) - len(first), "rows": len(pairs),
+            "first_difference": first}
 
 
 def workload_info(workload: Workload, prompt_tokens: list[int], shared_prefix: int, system_tokens: int) -> dict:
     return {**asdict(workload), "dtype": "float32", "device": "cpu", "greedy": True, "eos_suppressed": True,
             "system_prompt_tokens": system_tokens, "shared_prefix_tokens": shared_prefix,
             "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
-            "question_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens) - shared_prefix, 1)}
+            "suffix_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens) - shared_prefix, 1)}

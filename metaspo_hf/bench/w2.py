@@ -16,6 +16,7 @@ comparison says so rather than assuming otherwise.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,15 +34,15 @@ from ..tasks.registry import load_task
 class RunCost:
     # Two short-question BIG-bench tasks (as in the smoke recipe): the iteration stays ~a minute on 2 cores.
     tasks: tuple[str, ...] = ("bigbench:navigate", "bigbench:sports_understanding")
-    # Two candidates of each kind keep both loops and the adoption test exercised at the least cost.
+    # The embedded recipe's search sizes: both loops and the adoption test run, at the least cost.
     system_candidates: int = 2
-    user_candidates: int = 2
-    top_k: int = 2
-    # Eight questions per task: enough that scoring, not optimizer writing, dominates the base work.
-    train_size: int = 8
-    # The embedded recipe's base and optimizer lengths.
+    user_candidates: int = 1
+    top_k: int = 1
+    train_size: int = 6
+    # The embedded recipe's base length.
     base_new_tokens: int = 48
-    optimizer_new_tokens: int = 256
+    # Half the recipe's 256: one-at-a-time optimizer calls would otherwise dominate the whole benchmark.
+    optimizer_new_tokens: int = 128
     # The engine batch of the embedded recipe.
     batch_size: int = 32
     seed: int = 0
@@ -90,6 +91,8 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     started = time.perf_counter()
     result = run_search("metaspo", tasks, base, optimizer, cost.budget(), cost.seed)
     wall = time.perf_counter() - started
+    print(f"[bench] W2 {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations",
+          file=sys.stderr, flush=True)
     for front in (base_front, optimizer_front):
         if isinstance(front, CachedEngine):
             front.close()

@@ -5,14 +5,19 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 1. Chats are rendered through the tokenizer's chat template and tokenized.
 2. Rows that share a system prompt form a group; the group's longest common token prefix (at least
    the rendered system turn) is run through the model once, batch size 1.
-3. Rows of all groups are sorted by length and cut into chunks of ``batch_size`` (so padding stays
-   small and decode steps are shared by as many rows as possible, whatever their system prompt).
-   Each row is laid out as ``[pads][its group's prefix][pads][its own suffix]``; the chunk's cache
-   holds each row's group prefix (an expanded view when the chunk has one group, no copy).
-   Positions come from the attention mask's cumulative sum, exactly as ``generate`` computes them
-   for left padding, so every real token sees the same keys at the same positions as in
-   ``[pads][prefix][suffix]``.
-4. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
+3. Rows are cut into chunks of ``batch_size``, short suffixes first (so padding stays small): each
+   group fills whole chunks of its own, and the rows left over from all groups are pooled.
+4. A chunk of one group keeps its prefix once: the cache holds only each row's own tokens
+   (``[pads][suffix][generated]``), and attention (``_shared_prefix_attention``) scores all rows'
+   queries against the single prefix copy in one matmul, then against each row's own keys. A mixed
+   chunk lays each row out as ``[pads][its group's prefix][pads][suffix]`` and uses the model's own
+   attention. Either way positions come from the real tokens' count, exactly as ``generate`` computes
+   them for left padding, so every real token sees the same keys at the same positions as in
+   ``[pads][prefix][suffix]``; only the order of floating-point sums differs.
+5. Keys and values live in buffers allocated once per chunk; a decode step writes in place instead of
+   concatenating (which copies the whole cache every step). Only the last position's logits are
+   computed in prefill.
+6. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
    dropped from the batch and the cache, so they stop costing decode steps.
 """
 
@@ -56,6 +61,9 @@ _shared_prefix_kv: ContextVar[list | None] = ContextVar("shared_prefix_kv", defa
 _SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
 # The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
 _SHARED_PREFIX_SOURCES = ("sdpa", "eager")
+# Its prefill holds all scores at once, where SDPA works in tiles; past 2**22 (16 MB in float32 per layer,
+# e.g. 32 rows x 9 heads x 50 queries x 250 keys) the extra memory traffic costs more than it saves.
+_SHARED_PREFIX_MAX_SCORES = 2**22
 
 
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -209,9 +217,7 @@ class HFEngine:
                 prefix = self._prefill_prefix(group)
                 for row in group:
                     row.prefix = prefix
-            pending = sorted(rows, key=lambda r: len(r.suffix))
-            while pending:
-                chunk, pending = pending[:self.batch_size], pending[self.batch_size:]
+            for chunk in self._chunks(list(groups.values()) if self.prefix_reuse else [rows]):
                 for row, ids in self._generate_chunk_or_split(chunk, settings):
                     outputs[row.index] = ids
                 bar.update(len(chunk))
@@ -236,12 +242,30 @@ class HFEngine:
         self.stats.prefill_tokens += length
         return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _shared_prefix(self, chunk: list[_Row]) -> _Prefix | None:
+    def _chunks(self, groups: list[list[_Row]]) -> list[list[_Row]]:
+        """Rows cut into chunks of ``batch_size``, short suffixes first (so padding stays small). Each group
+        fills whole chunks of its own, whose prefix attention then reads once for all rows; the rows left
+        over from every group are pooled, so a chunk is never smaller than it must be."""
+        chunks, rest = [], []
+        for group in groups:
+            ordered = sorted(group, key=lambda r: len(r.suffix))
+            whole = len(ordered) - len(ordered) % self.batch_size
+            chunks += [ordered[i:i + self.batch_size] for i in range(0, whole, self.batch_size)]
+            rest += ordered[whole:]
+        rest.sort(key=lambda r: len(r.suffix))
+        return chunks + [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
+
+    def _shared_prefix(self, chunk: list[_Row], width: int) -> _Prefix | None:
         """The chunk's one prefix when every row has it and attention can read it once for all rows."""
         prefix = chunk[0].prefix
         if prefix.kv is None or any(r.prefix is not prefix for r in chunk):
             return None
-        return prefix if self._attention_source in _SHARED_PREFIX_SOURCES else None
+        if self._attention_source not in _SHARED_PREFIX_SOURCES:
+            return None
+        heads = self.model.config.get_text_config().num_attention_heads
+        if len(chunk) * heads * width * (prefix.length + width) > _SHARED_PREFIX_MAX_SCORES:
+            return None
+        return prefix
 
     def _chunk_cache(self, chunk: list[_Row], width: int, capacity: int, shared: _Prefix | None) -> DynamicCache:
         """A cache of ``capacity`` slots per row. With a ``shared`` prefix it holds only the rows' own tokens;
@@ -287,17 +311,17 @@ class HFEngine:
         """Yields (row, generated ids) for every row of the chunk, in any order."""
         device = self.model.device
         batch = len(chunk)
-        shared = self._shared_prefix(chunk)
+        suffixes = [r.suffix for r in chunk]
+        width = max(len(s) for s in suffixes)
+        shared = self._shared_prefix(chunk, width)
         prefix_width = max(r.prefix.length for r in chunk)
         # Slots of the cache: with a shared prefix, only each row's own tokens; else prefix slots first.
         first_slot = 0 if shared is not None else prefix_width
-        suffixes = [r.suffix for r in chunk]
-        width = max(len(s) for s in suffixes)
         capacity = first_slot + width + settings.max_new_tokens
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         # Which slots hold real tokens; generated tokens always do, so every step reads a slice of it.
         valid = torch.ones((batch, capacity), dtype=torch.bool)
-        for b, (row, suffix) in enumerate(zip(chunk, suffixes)):
+        for b, (row, suffix) in enumerate(zip(chunk, suffixes, strict=True)):
             input_ids[b, width - len(suffix):] = torch.tensor(suffix)
             valid[b, first_slot:first_slot + width - len(suffix)] = False
             if shared is None:
@@ -350,7 +374,7 @@ class HFEngine:
                 logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask(1),
                                     position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :]
 
-        for row, tokens in zip(chunk, new_tokens):
+        for row, tokens in zip(chunk, new_tokens, strict=True):
             yield row, tokens
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...], tail_chars: int) -> bool:
@@ -368,7 +392,7 @@ class HFEngine:
         probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
         if settings.top_p < 1.0:
             probs = _top_p_filter(probs, settings.top_p)
-        picks = [torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, generators)]
+        picks = [torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, generators, strict=True)]
         return torch.cat(picks).to(logits.device)
 
 
