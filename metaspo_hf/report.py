@@ -386,24 +386,27 @@ def _plot_scores(result: dict, labels: list[str], colors: dict, path: Path) -> b
             [g + offset for g, _ in present],
             [s["mean"] for _, s in present],
             width,
-            yerr=[s["sd"] for _, s in present],
+            yerr=_clipped_error([s["mean"] for _, s in present], [s["sd"] for _, s in present]),
             capsize=2,
             label=label,
             color=colors[label],
         )
         if label in overall:  # no error bar: the overall score is a mean over tasks, not over user prompts
             ax.bar(len(scores) + offset, overall[label], width, color=colors[label])
-    ax.set_xticks(
-        range(len(groups)),
-        groups,
-        rotation=20 if len(groups) > 4 else 0,
-        ha="right" if len(groups) > 4 else "center",
-    )
+    # Task names are long (reasoning_about_colored_objects): slanted labels keep them from overlapping.
+    crowded = len(groups) > 4 or max(len(g) for g in groups) > 12
+    ax.set_xticks(range(len(groups)), groups, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("test score (mean ± sd over user prompts)")
     ax.set_title("Unseen generalization")
     ax.legend(fontsize="small", ncols=min(len(shown), 4))
     _save_png(fig, path)
     return True
+
+
+def _clipped_error(means: list[float], sds: list[float]) -> list[list[float]]:
+    """Error bars of ± sd cut at the score's range [0, 1] (a bar below 0 reads as a negative score)."""
+    return [[min(sd, m) for m, sd in zip(means, sds, strict=True)],
+            [min(sd, 1.0 - m) for m, sd in zip(means, sds, strict=True)]]
 
 
 def _plot_adaptation(result: dict, labels: list[str], colors: dict, path: Path) -> bool:
