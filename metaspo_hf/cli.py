@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the engine against plain HF generate (and llama.cpp when present)")
     p.add_argument("--out", help="JSON file for the results (default: bench/results/<timestamp>.json)")
     p.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke check")
+    p.add_argument("--loglik", action="store_true",
+                   help="add a section: `scoring: loglik` vs generation on multiple-choice questions (speed, agreement)")
     return parser
 
 
@@ -113,7 +115,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif command == "bench":
         from .bench import main as bench_main
 
-        bench_main(out=args.out, quick=args.quick)
+        bench_main(out=args.out, quick=args.quick, loglik=args.loglik)
     else:
         phases = {"train": ("train",), "evaluate": ("evaluate",), "adapt": ("adapt",),
                   "reproduce": ("train", "evaluate", "adapt")}[command]

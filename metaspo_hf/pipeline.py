@@ -66,6 +66,8 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_pro
 
     # 3. Models. The response cache lives in the run folder: a resumed run replays finished generations.
     base, optimizer, engines = load_lms(recipe, run_dir.responses_db)
+    if recipe.scoring == "loglik":
+        on_event(_scoring_event(recipe, suite))
 
     # 4. Search: the recipe's method, plus each searched baseline that the evaluation compares against.
     searches = {}
@@ -171,7 +173,9 @@ def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = 
     engines = {id(base_engine): base_engine, id(optimizer_engine): optimizer_engine}
     if responses_db is not None:
         engines = {key: CachedEngine(engine, responses_db, model_id=engine.name) for key, engine in engines.items()}
-    base = LM(engines[id(base_engine)], _settings(recipe.generation.base, recipe.seed), role="base")
+    # Every Scorer built on the base LM (search and both protocols) scores the way the recipe says.
+    base = LM(engines[id(base_engine)], _settings(recipe.generation.base, recipe.seed), role="base",
+              scoring=recipe.scoring)
     optimizer = LM(engines[id(optimizer_engine)], _settings(recipe.generation.optimizer, recipe.seed), role="optimizer")
     return base, optimizer, list(engines.values())
 
@@ -179,6 +183,17 @@ def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = 
 def _settings(spec: GenerationSpec, seed: int) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                               stop=tuple(spec.stop), seed=seed)
+
+
+def _scoring_event(recipe: Recipe, suite) -> dict:
+    """Which tasks `scoring: loglik` answers by option likelihood, and which fall back to generation."""
+    from .search.scorer import is_multiple_choice
+
+    tasks = {task.name: task for task in [*suite.meta_train, *suite.meta_test]}
+    by_loglik = [name for name, task in tasks.items()
+                 if any(is_multiple_choice(task, ex) for ex in [*task.train, *task.test])]
+    return {"event": "scoring", "scoring": recipe.scoring, "loglik_tasks": by_loglik,
+            "generated_tasks": [name for name in tasks if name not in by_loglik]}
 
 
 def _event_sink(run_dir):
@@ -197,6 +212,10 @@ def _describe(event: dict) -> str:
         adopted = " (adopted)" if event.get("adopted") else ""
         return (f"{event['method']} iteration {event['iteration']} {event['step']}:{score}{adopted} — "
                 f"{event.get('base_generations', 0)} base generations, {event.get('optimizer_calls', 0)} optimizer calls so far")
+    if name == "scoring":
+        generated = ", ".join(event["generated_tasks"]) or "none"
+        return (f"scoring: {event['scoring']} on the multiple-choice tasks ({', '.join(event['loglik_tasks']) or 'none'}); "
+                f"tasks that are not multiple choice fall back to generation: {generated}")
     if name == "unseen_generalization":
         scores = ", ".join(f"{label} {mean:.3f}" for label, mean in event["scores"].items())
         return f"unseen {event['task']}: {scores}"
@@ -215,7 +234,7 @@ def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
 
 
 def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
-    totals = {"generated_tokens": 0, "prefill_tokens": 0, "cache_hits": 0}
+    totals = {"generated_tokens": 0, "prefill_tokens": 0, "cache_hits": 0, "scored_continuations": 0}
     for engine in engines:
         # Counters saved with the response cache: a resumed run reports what an uninterrupted one would.
         stats = engine.total_stats

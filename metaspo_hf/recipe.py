@@ -20,6 +20,7 @@ import yaml
 from .errors import MetaspoError, did_you_mean
 from .models.loading import ModelSpec
 from .search.budget import EvalBudget, SearchBudget
+from .search.scorer import SCORING_MODES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -79,6 +80,10 @@ class Recipe:
     search: SearchBudget = field(default_factory=SearchBudget)
     evaluation: EvalBudget = field(default_factory=EvalBudget)
     seed: int = 0
+    # How the base model answers multiple-choice questions: "generate" (generate, extract the answer) or
+    # "loglik" (the option X whose "(X)" is likeliest after the prompt; no generation).
+    # Other tasks are generated either way. See docs/method.md.
+    scoring: str = "generate"
     # Run folders go to <output_dir>/<recipe name>/<timestamp>/ unless --output-dir is given.
     output_dir: str = "runs"
     # Free text shown by `metaspo ls`.
@@ -86,6 +91,14 @@ class Recipe:
     # Set by the loader, not by the file.
     name: str = field(default="recipe", metadata={"internal": True})
     path: str = field(default="", metadata={"internal": True})
+
+    def __post_init__(self):
+        if self.scoring not in SCORING_MODES:
+            raise MetaspoError(
+                f"scoring must be one of {', '.join(map(repr, SCORING_MODES))}, got {self.scoring!r}",
+                hint=did_you_mean(self.scoring, SCORING_MODES),
+                key="scoring",
+            )
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -99,6 +112,8 @@ class Recipe:
         data = self.to_dict()
         data.pop("output_dir")
         data.pop("description")
+        if data["scoring"] == "generate":  # the default: run folders made before the key existed still match
+            data.pop("scoring")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

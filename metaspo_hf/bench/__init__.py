@@ -1,5 +1,6 @@
 """`metaspo bench`: the generation engine against plain transformers and llama.cpp (W1), and the cost
-of one meta-training iteration our way against the reference's way (W2).
+of one meta-training iteration our way against the reference's way (W2); with ``--loglik``, also
+`scoring: loglik` against generative scoring on multiple-choice questions (``loglik.py``).
 
 Prints both tables and writes every figure as JSON (``--out``, default
 ``bench/results/<timestamp>.json``). ``collect`` does the measuring on any loaded model, so the tests
@@ -17,18 +18,20 @@ from pathlib import Path
 
 import torch
 
-from . import w1, w2
+from . import w1  # w2 is imported where used, so that `python -m metaspo_hf.bench.w2` runs it alone cleanly
 
 # The issue's targets on W1: engine tok/s over batched generate, and over the best llama.cpp path.
 TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
 
 
-def main(out: str | None = None, quick: bool = False) -> dict:
+def main(out: str | None = None, quick: bool = False, loglik: bool = False) -> dict:
     from ..models.loading import ModelSpec, load_model, packaged_gguf_path
 
     name = "smollm2-135m-instruct"
     model, tokenizer = load_model(ModelSpec(name_or_path=name, dtype="float32"))
     results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name)
+    if loglik:
+        results["loglik"] = _loglik(model, tokenizer, quick)
     print(format_tables(results))
     path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,8 @@ def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name
         "engine_identical_to_batched": identity["identical"],
         "identity": identity,
     }
+    from . import w2
+
     print("[bench] W2: one meta-training iteration, ours and the reference's way", file=sys.stderr, flush=True)
     results["w2"] = _w2(model, tokenizer, w2.QUICK if quick else w2.RunCost())
     return results
@@ -101,13 +106,26 @@ def ratios(variants: dict) -> dict:
             "engine_over_llama_cpp": over("engine", "llama_cpp"), "batched_over_naive": over("batched", "naive")}
 
 
-def _w2(model, tokenizer, cost: w2.RunCost) -> dict:
+def _w2(model, tokenizer, cost) -> dict:  # cost: w2.RunCost
     from ..errors import MetaspoError
+    from . import w2
 
     try:
         return w2.run(model, tokenizer, cost)
     except MetaspoError as error:  # e.g. BIG-bench not fetched and no network
         print(f"[bench] W2 skipped: {error}", file=sys.stderr, flush=True)
+        return {"skipped": str(error)}
+
+
+def _loglik(model, tokenizer, quick: bool) -> dict:
+    from ..errors import MetaspoError
+    from . import loglik
+
+    print("[bench] loglik: scoring: loglik against generation on multiple-choice questions", file=sys.stderr, flush=True)
+    try:
+        return loglik.run(model, tokenizer, loglik.QUICK if quick else loglik.Workload())
+    except MetaspoError as error:  # e.g. BIG-bench not fetched and no network
+        print(f"[bench] loglik skipped: {error}", file=sys.stderr, flush=True)
         return {"skipped": str(error)}
 
 
@@ -160,24 +178,14 @@ def format_tables(results: dict) -> str:
                  f"({identity['rows_equal']}/{identity['rows']} rows)")
     lines.append("")
     lines.extend(_w2_lines(results["w2"]))
+    if "loglik" in results:
+        from .loglik import lines as loglik_lines
+
+        lines += ["", *loglik_lines(results["loglik"])]
     return "\n".join(lines)
 
 
 def _w2_lines(figures: dict) -> list[str]:
-    if "skipped" in figures:
-        return [f"W2: skipped: {figures['skipped']}"]
-    s = figures["settings"]
-    lines = [f"W2: one MetaSPO iteration on {', '.join(s['tasks'])} ({s['train_size']} questions each, "
-             f"{s['user_candidates']} user / {s['system_candidates']} system candidates, top-k {s['top_k']})",
-             f"{'way':<11}{'wall s':>9}{'base gens':>11}{'optimizer calls':>17}{'base tokens':>13}"
-             f"{'optimizer tokens':>18}{'all tokens':>12}{'cache hits':>12}"]
-    for way in ("ours", "reference"):
-        f = figures[way]
-        lines.append(f"{way:<11}{f['wall_s']:>9.1f}{f['base_generations']:>11}{f['optimizer_calls']:>17}"
-                     f"{f['base_generated_tokens']:>13}{f['optimizer_generated_tokens']:>18}"
-                     f"{f['generated_tokens']:>12}{f['cache_hits']:>12}")
-    r = figures["ratio"]
-    lines.append(f"ours / reference: generated tokens {r['generated_tokens']}, base tokens "
-                 f"{r['base_generated_tokens']}, wall time {r['wall_s']}; "
-                 f"same prompts selected: {figures['same_prompts_selected']}")
-    return lines
+    from . import w2
+
+    return w2.lines(figures)

@@ -4,29 +4,43 @@ The same MetaSPO search (one iteration: initial scoring, inner step, outer step)
 same model, tasks, budget and seed:
 
 - ``ours``: a response cache in front of the engine, the base LM stopping at ``</answer>``,
-  shared-prefix KV reuse, and the optimizer's requests of a step sent as one batch;
-- ``reference``: the paper code's way: no cache, no stop strings, no prefix reuse, and the
-  optimizer's requests generated one at a time (batch size 1).
+  shared-prefix KV reuse, exact racing of candidates (``search.racing``), the scorer's dedupe of
+  identical chats in a batch, and the optimizer's requests of a step sent as one batch;
+- ``reference``: the paper code's way: no cache, no stop strings, no prefix reuse, no racing (every
+  candidate scored on every training question), every chat generated even when a batch holds it
+  twice, and the optimizer's requests generated one at a time (batch size 1).
 
-Counted: base generations, generated tokens (per role), optimizer calls and wall time; and whether
-both ways end with the same system and user prompts. Stopping at ``</answer>`` changes the text after
-the answer, which the optimizer sees in failure examples, so the two runs may part ways; the
-comparison says so rather than assuming otherwise.
+Where the paper code spends base generations, and so what ``reference`` counts: every node it makes
+is scored once on every training question (``evaluate_node`` right after the node is written);
+kept nodes keep their scores and are not scored again in later steps. So within one iteration no
+(system, user, question) is generated twice unless two candidates coincide (an optimizer that
+returns the prompt it was given, or two equal rewrites); those repeats are generated again by the
+reference and answered from the cache (or the scorer's dedupe) by ours.
+
+Counted: base generations and batches, generated tokens (per role), optimizer calls, generations
+racing skipped and wall time; and whether both ways end with the same system and user prompts.
+Stopping at ``</answer>`` changes the text after the answer, which the optimizer sees in failure
+examples, so the two runs may part ways; the comparison says so rather than assuming otherwise.
+Run alone with ``python -m metaspo_hf.bench.w2`` (``--quick``, ``--out FILE``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..models.base import LM, GenerationSettings
 from ..models.cache import CachedEngine
 from ..models.engine import HFEngine
 from ..search.budget import SearchBudget
-from ..search.run import run_search
+from ..search.context import SearchContext
+from ..search.registry import get_method
+from ..search.run import SearchResult
 from ..tasks.registry import load_task
 
 
@@ -47,9 +61,10 @@ class RunCost:
     batch_size: int = 32
     seed: int = 0
 
-    def budget(self) -> SearchBudget:
+    def budget(self, racing: bool) -> SearchBudget:
         return SearchBudget(method="metaspo", iterations=1, system_candidates=self.system_candidates,
-                            user_candidates=self.user_candidates, top_k=self.top_k, train_size=self.train_size)
+                            user_candidates=self.user_candidates, top_k=self.top_k, train_size=self.train_size,
+                            racing=racing)
 
 
 QUICK = RunCost(tasks=("bigbench:navigate",), system_candidates=1, user_candidates=1, top_k=1, train_size=3,
@@ -60,13 +75,17 @@ QUICK = RunCost(tasks=("bigbench:navigate",), system_candidates=1, user_candidat
 class WayCost:
     wall_s: float
     base_generations: int
+    base_batches: int
+    racing_skipped: int
     optimizer_calls: int
+    optimizer_batch_size: int
     base_generated_tokens: int
     optimizer_generated_tokens: int
     prefill_tokens: int
     cache_hits: int
     system_prompt: str
     user_prompts: dict = field(default_factory=dict)
+    incumbent_scores: list = field(default_factory=list)
 
     @property
     def generated_tokens(self) -> int:
@@ -80,8 +99,11 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
                                             seed=cost.seed)
     base_engine = HFEngine(model, tokenizer, "bench", batch_size=cost.batch_size, prefix_reuse=ours,
                            progress=False)
-    optimizer_engine = HFEngine(model, tokenizer, "bench", batch_size=cost.batch_size if ours else 1,
-                                prefix_reuse=ours, progress=False)
+    # Reference: the engine generates the optimizer's rows one at a time, as the paper code's loop of
+    # single `generate` calls does (per-row sampling generators: the same samples as one batch).
+    optimizer_batch = cost.batch_size if ours else 1
+    optimizer_engine = HFEngine(model, tokenizer, "bench", batch_size=optimizer_batch, prefix_reuse=ours,
+                                progress=False)
     base_front, optimizer_front = base_engine, optimizer_engine
     if ours:
         base_front = CachedEngine(base_engine, folder / "responses.sqlite", model_id="bench-base")
@@ -89,9 +111,10 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     base = LM(base_front, base_settings, role="base")
     optimizer = LM(optimizer_front, optimizer_settings, role="optimizer")
     started = time.perf_counter()
-    result = run_search("metaspo", tasks, base, optimizer, cost.budget(), cost.seed)
+    result = search(tasks, base, optimizer, cost.budget(racing=ours), cost.seed, dedupe=ours)
     wall = time.perf_counter() - started
-    print(f"[bench] W2 {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations",
+    print(f"[bench] W2 {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations, "
+          f"{base_engine.stats.generated_tokens} + {optimizer_engine.stats.generated_tokens} generated tokens",
           file=sys.stderr, flush=True)
     for front in (base_front, optimizer_front):
         if isinstance(front, CachedEngine):
@@ -99,14 +122,27 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     return WayCost(
         wall_s=wall,
         base_generations=base_engine.stats.prompts,
+        base_batches=result.counts["base_batches"],
+        racing_skipped=result.counts["racing_skipped"],
         optimizer_calls=result.counts["optimizer_calls"],
+        optimizer_batch_size=optimizer_batch,
         base_generated_tokens=base_engine.stats.generated_tokens,
         optimizer_generated_tokens=optimizer_engine.stats.generated_tokens,
         prefill_tokens=base_engine.stats.prefill_tokens + optimizer_engine.stats.prefill_tokens,
         cache_hits=(base_front.stats.cache_hits + optimizer_front.stats.cache_hits) if ours else 0,
         system_prompt=result.system_prompt,
         user_prompts=result.user_prompts,
+        incumbent_scores=[h["incumbent_score"] for h in result.history],
     )
+
+
+def search(tasks, base: LM, optimizer: LM, budget: SearchBudget, seed: int, dedupe: bool) -> SearchResult:
+    """``run_search("metaspo", ...)``, with the scorer's dedupe of identical chats on or off."""
+    ctx = SearchContext("metaspo", tasks, base, optimizer, budget, seed)
+    ctx.scorer.dedupe = dedupe
+    outcome = get_method("metaspo").run(ctx, list(tasks))
+    return SearchResult("metaspo", outcome.system_prompt, outcome.user_prompts, outcome.history,
+                        ctx.nodes.as_dicts(), ctx.counts())
 
 
 def run(model, tokenizer, cost: RunCost) -> dict:
@@ -116,21 +152,76 @@ def run(model, tokenizer, cost: RunCost) -> dict:
         ours = run_way(model, tokenizer, cost, tasks, ours=True, folder=Path(folder))
         reference = run_way(model, tokenizer, cost, tasks, ours=False, folder=Path(folder))
     ways = {"ours": ours, "reference": reference}
-    figures = {name: {**{k: v for k, v in asdict(way).items() if k not in ("system_prompt", "user_prompts")},
+    hidden = ("system_prompt", "user_prompts", "incumbent_scores")
+    figures = {name: {**{k: v for k, v in asdict(way).items() if k not in hidden},
                       "generated_tokens": way.generated_tokens, "wall_s": round(way.wall_s, 2)}
                for name, way in ways.items()}
     return {
-        "settings": {**asdict(cost), "tasks": list(cost.tasks), "method": "metaspo", "iterations": 1},
+        "settings": {**asdict(cost), "tasks": list(cost.tasks), "method": "metaspo", "iterations": 1,
+                     "racing_rounds": SearchBudget().racing_rounds},
         **figures,
         "ratio": {
             "generated_tokens": _ratio(ours.generated_tokens, reference.generated_tokens),
             "base_generated_tokens": _ratio(ours.base_generated_tokens, reference.base_generated_tokens),
+            "optimizer_generated_tokens": _ratio(ours.optimizer_generated_tokens,
+                                                 reference.optimizer_generated_tokens),
+            "base_generations": _ratio(ours.base_generations, reference.base_generations),
             "wall_s": _ratio(ours.wall_s, reference.wall_s),
         },
         "same_prompts_selected": (ours.system_prompt, ours.user_prompts) == (reference.system_prompt,
                                                                             reference.user_prompts),
+        "same_incumbent_scores": ours.incumbent_scores == reference.incumbent_scores,
     }
+
+
+def lines(figures: dict) -> list[str]:
+    """W2's table, as printed by `metaspo bench`."""
+    if "skipped" in figures:
+        return [f"W2: skipped: {figures['skipped']}"]
+    s = figures["settings"]
+    out = [f"W2: one MetaSPO iteration on {', '.join(s['tasks'])} ({s['train_size']} questions each, "
+           f"{s['user_candidates']} user / {s['system_candidates']} system candidates, top-k {s['top_k']})",
+           f"{'way':<11}{'wall s':>9}{'base gens':>11}{'batches':>9}{'raced out':>11}{'optimizer calls':>17}"
+           f"{'base tokens':>13}{'optimizer tokens':>18}{'all tokens':>12}{'cache hits':>12}"]
+    for way in ("ours", "reference"):
+        f = figures[way]
+        out.append(f"{way:<11}{f['wall_s']:>9.1f}{f['base_generations']:>11}{f['base_batches']:>9}"
+                   f"{f['racing_skipped']:>11}{f['optimizer_calls']:>17}{f['base_generated_tokens']:>13}"
+                   f"{f['optimizer_generated_tokens']:>18}{f['generated_tokens']:>12}{f['cache_hits']:>12}")
+    r = figures["ratio"]
+    out.append(f"ours / reference: generated tokens {r['generated_tokens']} (base {r['base_generated_tokens']}, "
+               f"optimizer {r['optimizer_generated_tokens']}), base generations {r['base_generations']}, "
+               f"wall time {r['wall_s']}; same prompts selected: {figures['same_prompts_selected']}")
+    return out
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3) if denominator else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """W2 alone on the embedded model: prints the table, writes the JSON (``--out``)."""
+    from ..models.loading import ModelSpec, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m metaspo_hf.bench.w2", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON file for the figures")
+    parser.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke check")
+    parser.add_argument("--train-size", type=int, help="training questions per task (default: RunCost's)")
+    args = parser.parse_args(argv)
+    cost = QUICK if args.quick else RunCost()
+    if args.train_size:
+        cost = replace(cost, train_size=args.train_size)
+    import torch
+
+    torch.set_num_threads(2)  # as W1: the 2 cores of the reference machine
+    model, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
+    figures = run(model, tokenizer, cost)
+    print("\n".join(lines(figures)))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

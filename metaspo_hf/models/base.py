@@ -13,6 +13,9 @@ from typing import Protocol
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Chat = list  # list[Message]
+# (chat, continuation): score the continuation's tokens right after the chat rendered with the
+# generation prompt (the start of the assistant turn). See ``Engine.loglikelihood``.
+LoglikRequest = tuple  # tuple[Chat, str]
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class EngineStats:
     cache_hits: int = 0
     seconds: float = 0.0
     oom_retries: int = 0
+    # Continuations scored by log-likelihood (distinct (chat, continuation) pairs computed).
+    scored_continuations: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +70,11 @@ class Engine(Protocol):
         different samples (the k-th copy uses sample index k), deterministically by seed."""
         ...
 
+    def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
+        """For each (chat, continuation): the summed log-probability of the continuation's tokens after
+        the chat rendered with the generation prompt, in order; no generation. Deterministic."""
+        ...
+
 
 @dataclass
 class LM:
@@ -73,6 +83,10 @@ class LM:
     engine: Engine
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     role: str = "base"
+    # How a Scorer built on this LM scores multiple-choice tasks: "generate" (generate, then extract the
+    # answer) or "loglik" (pick the likeliest option). The recipe's top-level ``scoring`` key sets it for
+    # the base role, so every Scorer (search and both protocols) scores the same way.
+    scoring: str = "generate"
     # Chats sent through this role (one chat = one generation), shared with reseeded copies.
     usage: RoleUsage = field(default_factory=lambda: RoleUsage())
 
@@ -80,6 +94,12 @@ class LM:
         self.usage.chats += len(chats)
         self.usage.calls += 1
         return self.engine.generate(list(chats), self.settings, desc=desc)
+
+    def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
+        """The engine's ``loglikelihood`` (generation settings play no part in it)."""
+        self.usage.continuations += len(requests)
+        self.usage.calls += 1
+        return self.engine.loglikelihood(list(requests), desc=desc)
 
     def with_seed(self, seed: int) -> LM:
         """The same role with another sampling seed (e.g. one per search step); counts stay shared."""
@@ -90,6 +110,8 @@ class LM:
 class RoleUsage:
     chats: int = 0
     calls: int = 0
+    # (chat, continuation) pairs scored by log-likelihood.
+    continuations: int = 0
 
 
 def make_chat(system_prompt: str | None, user_text: str) -> Chat:

@@ -5,6 +5,10 @@ generation settings, sample index). The sample index is k for the k-th identical
 the same rule the engines use to give sampled copies different draws, so a replay returns the
 very text the uninterrupted run got, copy by copy.
 
+Log-likelihoods (``loglikelihood``) are stored the same way in their own table, under the SHA-256 of
+(model id, "loglik", chat as canonical JSON, continuation): they are deterministic, so there is no
+sample index and no generation setting in the key.
+
 The file also keeps running totals of the wrapped engine's counters, committed together with the
 rows they produced, so that a run resumed after a crash reports the generation costs an
 uninterrupted run would have (``total_stats``).
@@ -20,13 +24,14 @@ from contextlib import closing
 from pathlib import Path
 
 from ..errors import MetaspoError
-from .base import Chat, Engine, EngineStats, GenerationSettings
+from .base import Chat, Engine, EngineStats, GenerationSettings, LoglikRequest
 
 # SQLite allows at least 999 bound parameters per statement on every build still in use.
 _LOOKUP_CHUNK = 500
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS loglikelihoods (key TEXT PRIMARY KEY, value REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS totals (model_id TEXT, name TEXT, value REAL NOT NULL, PRIMARY KEY (model_id, name))",
 )
 
@@ -122,15 +127,41 @@ class CachedEngine:
                 "INSERT OR IGNORE INTO responses (key, response) VALUES (?, ?)",
                 [(keys[i], text) for i, text in zip(request, fresh, strict=True)],
             )
-            self._db.executemany(
-                "INSERT INTO totals (model_id, name, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (model_id, name) DO UPDATE SET value = value + excluded.value",
-                [(self.model_id, name, value) for name, value in spent.as_dict().items() if value],
-            )
+            self._add_totals(spent)
         self._session.add(spent)
         for i, text in zip(request, fresh, strict=True):
             # A copy that was already stored keeps its stored text, so replays never change.
             stored.setdefault(keys[i], text)
+        return [stored[key] for key in keys]
+
+    def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
+        """The wrapped engine's log-likelihoods, each computed once per file: one lookup, at most one call
+        to the engine (for the distinct missing requests) and one committed transaction, as ``generate``.
+        ``cache_hits`` counts the requests answered from the file."""
+        requests = list(requests)
+        if not requests:
+            return []
+        keys = [self._loglik_key(chat, continuation) for chat, continuation in requests]
+        stored = self._lookup(keys, table="loglikelihoods", column="value")
+        missing: dict[str, int] = {}  # key -> first position asking for it
+        for i, key in enumerate(keys):
+            if key not in stored:
+                missing.setdefault(key, i)
+        spent = EngineStats(cache_hits=sum(key in stored for key in keys))
+        fresh: list[float] = []
+        if missing:
+            before = self.engine.stats.as_dict()
+            fresh = self.engine.loglikelihood([requests[i] for i in missing.values()], desc=desc)
+            after = self.engine.stats.as_dict()
+            spent.add(EngineStats(**{name: after[name] - before[name] for name in after}))
+        with self._db:  # one transaction: this call's rows and counters, or nothing
+            self._db.executemany(
+                "INSERT OR IGNORE INTO loglikelihoods (key, value) VALUES (?, ?)",
+                [(key, float(value)) for key, value in zip(missing, fresh, strict=True)],
+            )
+            self._add_totals(spent)
+        self._session.add(spent)
+        stored.update(zip(missing, map(float, fresh), strict=True))
         return [stored[key] for key in keys]
 
     def close(self) -> None:
@@ -142,18 +173,31 @@ class CachedEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _add_totals(self, spent: EngineStats) -> None:
+        self._db.executemany(
+            "INSERT INTO totals (model_id, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (model_id, name) DO UPDATE SET value = value + excluded.value",
+            [(self.model_id, name, value) for name, value in spent.as_dict().items() if value],
+        )
+
+    def _loglik_key(self, chat: Chat, continuation: str) -> str:
+        record = json.dumps([self.model_id, "loglik", _canonical(chat), continuation], ensure_ascii=False)
+        return hashlib.sha256(record.encode()).hexdigest()
+
     def _key(self, group: str, settings_key: dict, k: int) -> str:
         record = json.dumps([self.model_id, group, settings_key, k], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(record.encode()).hexdigest()
 
-    def _lookup(self, keys: list[str]) -> dict[str, str]:
-        # Keys of one call are distinct: copies of one chat differ by their sample index.
-        found: dict[str, str] = {}
+    def _lookup(self, keys: list[str], table: str = "responses", column: str = "response") -> dict:
+        # Generation keys of one call are distinct (copies of one chat differ by their sample index);
+        # repeated log-likelihood keys are looked up once.
+        keys = list(dict.fromkeys(keys))
+        found: dict = {}
         for start in range(0, len(keys), _LOOKUP_CHUNK):
             chunk = keys[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             found.update(
-                self._db.execute(f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk)
+                self._db.execute(f"SELECT key, {column} FROM {table} WHERE key IN ({marks})", chunk)
             )
         return found
 

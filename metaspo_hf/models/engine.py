@@ -395,6 +395,14 @@ class HFEngine:
         picks = [torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, generators, strict=True)]
         return torch.cat(picks).to(logits.device)
 
+    # ---- log-likelihood scoring (computed in loglik.py on this engine's prefix machinery) ----------
+    def loglikelihood(self, requests: Sequence, desc: str | None = None) -> list[float]:
+        """For each (chat, continuation): the summed log-probability of the continuation's tokens after the
+        chat rendered with the generation prompt; rows batched, the shared prefix's KV computed once."""
+        from .loglik import loglikelihood
+
+        return loglikelihood(self, requests, desc)
+
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)

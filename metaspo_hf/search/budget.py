@@ -42,6 +42,12 @@ class SearchBudget:
     initial_system_prompt: str = "You are a helpful assistant."
     # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
     sprig_max_components: int = 12
+    # Exact racing (not in the paper code): stop scoring a candidate once it provably can no longer be
+    # kept or adopted; never changes which prompts are selected, only skips scoring (docs/method.md).
+    racing: bool = True
+    # Racing rounds per scoring step, each one base batch: more rounds stop losers sooner but make
+    # smaller batches; 3 keeps each round a third of the step's batch.
+    racing_rounds: int = 3
 
     def __post_init__(self):
         from .registry import get_method  # late: the registry imports the methods, which import this file
@@ -60,9 +66,12 @@ class SearchBudget:
             "ape_demos_per_task",
             "max_prompt_chars",
             "sprig_max_components",
+            "racing_rounds",
         ):
             require_int("search", name, getattr(self, name), minimum=1)
         require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
+        if not isinstance(self.racing, bool):
+            raise MetaspoError(f"search.racing must be true or false, got {self.racing!r}")
         if not isinstance(self.initial_system_prompt, str):
             raise MetaspoError(
                 f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}"

@@ -23,6 +23,9 @@ class Node:
     origin: str
     train_score: float | None = None
     wrong: list[WrongExample] = field(default_factory=list)
+    # Set when racing stopped scoring the node after this many training questions, because it could
+    # no longer be kept or adopted (search/racing.py); its train_score then stays None.
+    stopped_after: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -36,6 +39,7 @@ class Node:
             "origin": self.origin,
             "train_score": self.train_score,
             "wrong_indices": [w.index for w in self.wrong],
+            "stopped_after": self.stopped_after,
         }
 
 

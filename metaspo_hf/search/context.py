@@ -10,6 +10,7 @@ from ..models.base import LM, stable_hash
 from ..tasks.task import Example, Task
 from .budget import SearchBudget
 from .candidates import Node, NodeLog
+from .racing import Rule, failures_first, race
 from .scorer import Scorer, Trial
 from .writer import PromptWriter
 
@@ -35,6 +36,7 @@ class SearchContext:
         self.scorer = Scorer(base)
         self.writer = PromptWriter(optimizer, seed, method, budget.max_parse_retries, budget.max_prompt_chars)
         self.nodes = NodeLog()
+        self.racing_skipped = 0  # training questions racing left unscored (generations not made)
         self.history: list[dict] = []
         self._counts_at_last_record = self.counts()
 
@@ -55,11 +57,37 @@ class SearchContext:
         for node, result in zip(nodes, self.scorer(trials, desc=desc), strict=True):
             node.train_score, node.wrong = result.mean, result.wrong
 
+    def race(self, nodes: list[Node], rule: Rule, iteration: int, step: str) -> None:
+        """Score candidate nodes, racing them when the budget asks for it (``search/racing.py``).
+
+        Nodes whose outcome ``rule`` decides early keep ``train_score = None``; the others are scored
+        exactly as ``score`` would. Without racing, or with a sampled base model (whose answers depend
+        on the batch they are drawn in), this is ``score``: one batch."""
+        if not (self.budget.racing and self.scorer.base.settings.greedy) or not nodes:
+            self.score(nodes, iteration, step)
+            return
+        by_id = self.nodes.nodes
+        self.racing_skipped += race(
+            self.scorer,
+            nodes,
+            task=lambda n: self.tasks[n.task],
+            examples=lambda n: self.train_examples(n.task),
+            order=lambda n: failures_first(
+                n, by_id[n.parent_id] if n.parent_id is not None else None, len(self.train_examples(n.task))
+            ),
+            rounds=self.budget.racing_rounds,
+            rule=rule,
+            desc=f"{self.method} iteration {iteration} {step}: scoring",
+        )
+
     def counts(self) -> dict:
         return {
             **self.writer.counts(),
             "base_generations": self.scorer.generations,
             "base_batches": self.scorer.batches,
+            # Multiple-choice questions answered by log-likelihood (`scoring: loglik`), not generated.
+            "base_loglik_questions": self.scorer.loglik_questions,
+            "racing_skipped": self.racing_skipped,
         }
 
     def emit(self, iteration: int, step: str, **fields) -> None:
@@ -89,6 +117,7 @@ class SearchContext:
                 "adopted": adopted,
                 "optimizer_calls": now["optimizer_calls"] - self._counts_at_last_record["optimizer_calls"],
                 "base_generations": now["base_generations"] - self._counts_at_last_record["base_generations"],
+                "racing_skipped": now["racing_skipped"] - self._counts_at_last_record["racing_skipped"],
             }
         )
         self._counts_at_last_record = now

@@ -13,6 +13,7 @@ from ..proposals import (
     rewrite_system_prompts,
     rewrite_user_prompts,
 )
+from ..racing import cannot_be_adopted, cannot_enter_beams
 from ..registry import SearchOutcome, register
 
 
@@ -70,10 +71,13 @@ def inner_step(ctx: SearchContext, state: BilevelState, propose_user: ProposeUse
         [ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p) for text in texts if text]
         for p, texts in zip(parents, proposals, strict=True)
     ]
-    ctx.score([c for group in children for c in group], iteration, "inner")
+    flat = [c for group in children for c in group]
+    ctx.race(flat, cannot_enter_beams(state.beams, flat), iteration, "inner")
     for parent, group in zip(parents, children, strict=True):
-        state.beams[parent.task].extend(group)
-    ctx.emit(iteration, "inner", score=state.score, candidates=sum(map(len, children)))
+        # Racing stops only candidates that cannot be kept; the beam ranks the others as usual.
+        state.beams[parent.task].extend([c for c in group if c.train_score is not None])
+    ctx.emit(iteration, "inner", score=state.score, candidates=len(flat),
+             stopped=sum(c.train_score is None for c in flat))
 
 
 def outer_step(
@@ -87,10 +91,16 @@ def outer_step(
         [ctx.nodes.new(n.task, text, n.user_prompt, iteration, "system", parent=n) for n in incumbent]
         for text in texts
     ]
-    ctx.score([n for nodes in candidates for n in nodes], iteration, "outer")
-    scores = [mean_score(nodes) for nodes in candidates]
-    best = max(range(len(scores)), key=scores.__getitem__, default=None)  # the first of equal bests
     incumbent_score = state.score
+    k = len(incumbent)
+    groups = [range(j * k, (j + 1) * k) for j in range(len(candidates))]  # candidate j's nodes
+    ctx.race([n for nodes in candidates for n in nodes], cannot_be_adopted(groups, incumbent_score),
+             iteration, "outer")
+    # Candidates racing stopped cannot be adopted; without racing every candidate is scored.
+    scores = {
+        j: mean_score(nodes) for j, nodes in enumerate(candidates) if all(n.train_score is not None for n in nodes)
+    }
+    best = max(scores, key=scores.__getitem__, default=None)  # the first of equal bests
     adopted = best is not None and scores[best] > incumbent_score
     if adopted:
         state.adopt(texts[best], candidates[best])
@@ -103,6 +113,7 @@ def outer_step(
         adopted=adopted,
         score=state.score,
         candidates=len(texts),
+        stopped=len(texts) - len(scores),
         system_prompt=state.system_prompt,
     )
     return best_score, adopted

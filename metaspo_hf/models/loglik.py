@@ -1,0 +1,239 @@
+"""Log-likelihood of continuations after chats, on the generation engine's shared-prefix machinery.
+
+A request is ``(chat, continuation)``. The chat is rendered with the generation prompt and tokenized
+exactly as for generation; the continuation is tokenized on its own (as the model would emit it) and
+appended. The result is the sum over the continuation's tokens of log p(token | everything before it),
+in float32 from the model's logits: the same number as ``log_softmax(model(full_ids).logits)``
+summed over the continuation's positions, up to the order of floating-point sums.
+
+How a call is computed (``HFEngine.loglikelihood``):
+
+1. Requests are grouped by rendered context: each distinct context is one *row* holding its distinct
+   continuations (typically the options of one question). Repeated requests are computed once.
+2. Rows sharing a system prompt form a group, as in generation; the group's common token prefix is
+   run through the model once (``HFEngine._prefill_prefix``), stopping at least one token before the
+   end of every context (the last context token's logits predict each continuation's first token).
+3. A row is packed as ``[pads][its own context tokens][its continuations' tokens]``, the continuations
+   laid out as a token trie (a prefix they share, such as ``<answer>``, is computed once): each token
+   attends to the prefix, the row's context and its ancestors in the trie only (a tree mask), and its
+   position is the context's length plus its depth. One forward pass scores every option of a question
+   while computing the question's tokens once, not once per option.
+4. A chunk holds rows of one group, as many as fit ``batch_size`` and a bound on the attention scores
+   held at once; attention reads the prefix once for all rows (``_shared_prefix_attention``), and
+   the vocabulary projection runs on the last positions only (where the continuations are).
+5. Without prefix reuse (the engine's ``prefix_reuse`` off, a cache with sliding-window layers, a group
+   with no common prefix) or with another attention implementation than sdpa/eager (e.g. flash
+   attention, which takes no tree mask), each (context, continuation) is one left-padded sequence through
+   the model's own attention instead: the same numbers, more tokens computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import LoglikRequest
+from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _Prefix, _Row
+
+# Attention scores one packed chunk may hold at once (rows x heads x queries x keys): 64 MB per layer in
+# float32. Scores of one whole row are always allowed, however long it is.
+_MAX_SCORES = 2**24
+
+
+@dataclass
+class _Context:
+    """One distinct rendered context and the distinct continuations asked after it."""
+
+    row: _Row  # ids: the rendered context's tokens
+    continuations: list[list[int]] = field(default_factory=list)
+    texts: dict[str, int] = field(default_factory=dict)  # continuation text -> its index
+    results: list[float] = field(default_factory=list)
+    # The continuations as a token trie: (token, parent node or -1 for the context's end) per node, in
+    # creation order (a parent always comes before its children); and each continuation's nodes.
+    nodes: list[tuple[int, int]] = field(default_factory=list)
+    paths: list[list[int]] = field(default_factory=list)
+    _children: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def add(self, text: str, ids: list[int]) -> int:
+        """The index of continuation ``text`` (tokens ``ids``), added to the trie if new."""
+        k = self.texts.get(text)
+        if k is not None:
+            return k
+        k = self.texts[text] = len(self.continuations)
+        self.continuations.append(ids)
+        self.results.append(0.0)
+        path, parent = [], -1
+        for token in ids:
+            node = self._children.get((parent, token))
+            if node is None:
+                node = self._children[(parent, token)] = len(self.nodes)
+                self.nodes.append((token, parent))
+            path.append(node)
+            parent = node
+        self.paths.append(path)
+        return k
+
+    @property
+    def own(self) -> list[int]:
+        return self.row.suffix
+
+    @property
+    def packed_length(self) -> int:
+        return len(self.own) + len(self.nodes)
+
+
+def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
+    """``engine.loglikelihood``: see the module doc."""
+    started = time.perf_counter()
+    contexts: dict[str, _Context] = {}
+    groups: dict[str | None, list[_Context]] = {}
+    where: list[tuple[_Context, int]] = []
+    for chat, continuation in requests:
+        text = engine.render(chat)
+        context = contexts.get(text)
+        if context is None:
+            context = contexts[text] = _Context(_Row(len(contexts), engine.encode(text), 0))
+            system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
+            groups.setdefault(system, []).append(context)
+        k = context.texts.get(continuation)
+        if k is None:
+            k = context.add(continuation, engine.encode(continuation) if continuation else [])
+        where.append((context, k))
+
+    packed = engine.prefix_reuse and engine._attention_source in _SHARED_PREFIX_SOURCES
+    bar = tqdm(total=len(contexts), desc=desc or f"loglik ({engine.name})", unit="context",
+               disable=not engine.progress or None, leave=False)
+    with torch.inference_mode():
+        for group in groups.values():
+            prefix = engine._prefill_prefix([c.row for c in group]) if packed else _Prefix(0, None)
+            for context in group:
+                context.row.prefix = prefix
+            if prefix.kv is not None:
+                for chunk in _packed_chunks(engine, group, prefix):
+                    _split_on_oom(engine, chunk, lambda rows, prefix=prefix: _score_packed(engine, rows, prefix))
+                    bar.update(len(chunk))
+            else:
+                items = sorted(((c, k) for c in group for k, ids in enumerate(c.continuations) if ids),
+                               key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
+                for start in range(0, len(items), engine.batch_size):
+                    _split_on_oom(engine, items[start:start + engine.batch_size],
+                                  lambda chunk: _score_plain(engine, chunk))
+                bar.update(len(group))
+    bar.close()
+    engine.stats.calls += 1
+    engine.stats.scored_continuations += sum(len(c.continuations) for c in contexts.values())
+    engine.stats.seconds += time.perf_counter() - started
+    return [context.results[k] for context, k in where]
+
+
+def _packed_chunks(engine, group: list[_Context], prefix: _Prefix) -> list[list[_Context]]:
+    """Rows by packed length (short first, so padding stays small), cut at ``batch_size`` rows or when the
+    attention scores of the chunk would pass ``_MAX_SCORES``."""
+    heads = engine.model.config.get_text_config().num_attention_heads
+    chunks: list[list[_Context]] = []
+    for context in sorted(group, key=lambda c: c.packed_length):
+        width = context.packed_length  # the longest row so far: rows are sorted
+        if chunks and len(chunks[-1]) < engine.batch_size and \
+                (len(chunks[-1]) + 1) * heads * width * (prefix.length + width) <= _MAX_SCORES:
+            chunks[-1].append(context)
+        else:
+            chunks.append([context])
+    return chunks
+
+
+def _split_on_oom(engine, chunk: list, score: Callable[[list], None]) -> None:
+    """On CUDA out-of-memory, score the two halves of the chunk separately (results do not change)."""
+    try:
+        score(chunk)
+    except torch.cuda.OutOfMemoryError:
+        if len(chunk) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        engine.stats.oom_retries += 1
+        half = len(chunk) // 2
+        _split_on_oom(engine, chunk[:half], score)
+        _split_on_oom(engine, chunk[half:], score)
+
+
+def _score_packed(engine, chunk: list[_Context], prefix: _Prefix) -> None:
+    """One forward pass for the chunk's rows, each packed with all its continuations on top of ``prefix``."""
+    batch = len(chunk)
+    lengths = [c.packed_length for c in chunk]
+    width = max(lengths)
+    # Logits are kept for the last ``tail`` slots: every row's trie and its last context token.
+    tail = max(1 + len(c.nodes) for c in chunk)
+    ids = torch.full((batch, width), engine.pad_id, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    # [row, query slot, key slot], True = attend; the prefix is visible to every slot.
+    mask = torch.zeros((batch, width, width), dtype=torch.bool)
+    rows, slots, targets, owners = [], [], [], []  # one entry per scored token
+    for b, context in enumerate(chunk):
+        start = width - lengths[b]
+        own = context.own
+        end = start + len(own)
+        ids[b, start:end] = torch.tensor(own)
+        positions[b, start:end] = torch.arange(prefix.length, prefix.length + len(own))
+        mask[b, start:end, start:end] = torch.ones((len(own), len(own)), dtype=torch.bool).tril()
+        depth = []
+        for node, (token, parent) in enumerate(context.nodes):
+            slot = end + node
+            ids[b, slot] = token
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+            positions[b, slot] = prefix.length + len(own) + depth[node] - 1
+            # A node sees the context, its ancestors (its parent's view) and itself.
+            mask[b, slot] = mask[b, end - 1] if parent < 0 else mask[b, end + parent]
+            mask[b, slot, slot] = True
+        for k, path in enumerate(context.paths):
+            if not path:
+                continue
+            # Each token is predicted by the logits of the slot before it: the last context token first.
+            rows += [b] * len(path)
+            slots += [end - 1] + [end + node for node in path[:-1]]
+            targets += context.continuations[k]
+            owners += [(context, k)] * len(path)
+    device = engine.model.device
+    with _attending_to(engine.model, prefix):
+        logits = engine.model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                              position_ids=positions.to(device), use_cache=False, logits_to_keep=tail).logits
+    engine.stats.prefill_tokens += sum(lengths)  # counted once the pass succeeded (not again on an OOM retry)
+    _collect(logits, rows, [s - (width - tail) for s in slots], targets, owners)
+
+
+def _score_plain(engine, items: list[tuple[_Context, int]]) -> None:
+    """Each (context, continuation) as one left-padded full sequence through the model's own attention."""
+    sequences = [context.row.ids + context.continuations[k] for context, k in items]
+    width = max(map(len, sequences))
+    tail = 1 + max(len(context.continuations[k]) for context, k in items)
+    ids = torch.full((len(items), width), engine.pad_id, dtype=torch.long)
+    valid = torch.zeros((len(items), width), dtype=torch.bool)
+    rows, slots, targets, owners = [], [], [], []
+    for b, (sequence, (context, k)) in enumerate(zip(sequences, items, strict=True)):
+        ids[b, width - len(sequence):] = torch.tensor(sequence)
+        valid[b, width - len(sequence):] = True
+        n = len(context.continuations[k])
+        rows += [b] * n
+        slots += list(range(width - n - 1, width - 1))
+        targets += context.continuations[k]
+        owners += [(context, k)] * n
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    device = engine.model.device
+    logits = engine.model(input_ids=ids.to(device), attention_mask=valid.long().to(device),
+                          position_ids=positions.to(device), use_cache=False, logits_to_keep=tail).logits
+    engine.stats.prefill_tokens += sum(map(len, sequences))
+    _collect(logits, rows, [s - (width - tail) for s in slots], targets, owners)
+
+
+def _collect(logits: torch.Tensor, rows: list[int], columns: list[int], targets: list[int], owners: list) -> None:
+    """Adds each scored token's log-probability to its (context, continuation)'s result."""
+    if not rows:
+        return
+    device = logits.device
+    picked = logits[torch.tensor(rows, device=device), torch.tensor(columns, device=device)].float()
+    logprobs = picked.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    for (context, k), value in zip(owners, logprobs.tolist(), strict=True):
+        context.results[k] += value
