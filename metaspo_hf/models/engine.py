@@ -24,7 +24,7 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -154,6 +154,25 @@ class _BufferLayer(DynamicLayer):
             self._set_views()
 
 
+def split_on_oom(engine, chunk: list, run: Callable[[list], list], shrink_batch: bool = False) -> list:
+    """``run(chunk)``; on CUDA out-of-memory, run the two halves and join their results (with
+    ``shrink_batch``, later chunks also get the halved batch size). Rows never depend on their batch-mates
+    (per-row generators for sampling), so a split changes nothing but speed."""
+    try:
+        return run(chunk)
+    except torch.cuda.OutOfMemoryError:
+        if len(chunk) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        engine.stats.oom_retries += 1
+        half = len(chunk) // 2
+        if shrink_batch:
+            engine.batch_size = max(1, half)
+        return (split_on_oom(engine, chunk[:half], run, shrink_batch)
+                + split_on_oom(engine, chunk[half:], run, shrink_batch))
+
+
 class HFEngine:
     """Generation with a loaded transformers causal LM and its tokenizer."""
 
@@ -218,7 +237,8 @@ class HFEngine:
                 for row in group:
                     row.prefix = prefix
             for chunk in self._chunks(list(groups.values()) if self.prefix_reuse else [rows]):
-                for row, ids in self._generate_chunk_or_split(chunk, settings):
+                for row, ids in split_on_oom(self, chunk, lambda rows: list(self._generate_chunk(rows, settings)),
+                                             shrink_batch=True):
                     outputs[row.index] = ids
                 bar.update(len(chunk))
         bar.close()
@@ -288,24 +308,6 @@ class HFEngine:
             layers.append(_BufferLayer(keys, values, width, capacity))
         cache.layers = layers
         return cache
-
-    def _generate_chunk_or_split(self, chunk: list[_Row], settings: GenerationSettings):
-        """On CUDA out-of-memory, halve the batch (for this and later chunks) and retry the halves.
-
-        Sampling draws from per-row generators, so splitting a batch never changes what a row gets.
-        """
-        try:
-            return list(self._generate_chunk(chunk, settings))
-        except torch.cuda.OutOfMemoryError:
-            if len(chunk) == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.stats.oom_retries += 1
-            self.batch_size = max(1, len(chunk) // 2)
-            half = len(chunk) // 2
-            return (self._generate_chunk_or_split(chunk[:half], settings)
-                    + self._generate_chunk_or_split(chunk[half:], settings))
 
     def _generate_chunk(self, chunk: list[_Row], settings: GenerationSettings):
         """Yields (row, generated ids) for every row of the chunk, in any order."""

@@ -30,14 +30,14 @@ How a call is computed (``HFEngine.loglikelihood``):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .base import LoglikRequest
-from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _Prefix, _Row
+from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _Prefix, _Row, split_on_oom
 
 # Attention scores one packed chunk may hold at once (rows x heads x queries x keys): 64 MB per layer in
 # float32. Scores of one whole row are always allowed, however long it is.
@@ -114,14 +114,14 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
                 context.row.prefix = prefix
             if prefix.kv is not None:
                 for chunk in _packed_chunks(engine, group, prefix):
-                    _split_on_oom(engine, chunk, lambda rows, prefix=prefix: _score_packed(engine, rows, prefix))
+                    split_on_oom(engine, chunk, lambda rows, prefix=prefix: _score_packed(engine, rows, prefix) or [])
                     bar.update(len(chunk))
             else:
                 items = sorted(((c, k) for c in group for k, ids in enumerate(c.continuations) if ids),
                                key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
                 for start in range(0, len(items), engine.batch_size):
-                    _split_on_oom(engine, items[start:start + engine.batch_size],
-                                  lambda chunk: _score_plain(engine, chunk))
+                    split_on_oom(engine, items[start:start + engine.batch_size],
+                                 lambda chunk: _score_plain(engine, chunk) or [])
                 bar.update(len(group))
     bar.close()
     engine.stats.calls += 1
@@ -143,21 +143,6 @@ def _packed_chunks(engine, group: list[_Context], prefix: _Prefix) -> list[list[
         else:
             chunks.append([context])
     return chunks
-
-
-def _split_on_oom(engine, chunk: list, score: Callable[[list], None]) -> None:
-    """On CUDA out-of-memory, score the two halves of the chunk separately (results do not change)."""
-    try:
-        score(chunk)
-    except torch.cuda.OutOfMemoryError:
-        if len(chunk) == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        engine.stats.oom_retries += 1
-        half = len(chunk) // 2
-        _split_on_oom(engine, chunk[:half], score)
-        _split_on_oom(engine, chunk[half:], score)
 
 
 def _score_packed(engine, chunk: list[_Context], prefix: _Prefix) -> None:
