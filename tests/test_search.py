@@ -367,3 +367,24 @@ def test_scorer_gives_each_copy_its_own_sample_when_the_base_samples():
         batch_sizes(base) == [3]
         and base.engine.calls[0][0] == [make_chat("", task.render(task.initial_prompt, task.train[0]))] * 3
     )
+
+
+def test_a_system_prompt_quoting_its_failures_is_reasked_with_the_reason():
+    from metaspo_hf.search.writer import PromptWriter
+
+    question = "On the desk you see a red pen, a blue cup and a green book in a row."
+    seen = []
+
+    def respond(chat, settings, k):
+        request = turns(chat)[1]
+        seen.append(request)
+        if "could not be used" in request:
+            return "<prompt>Read every detail of the request before answering.</prompt>"
+        return f"<prompt>Remember that {question}</prompt>"
+
+    writer = PromptWriter(LM(FakeEngine(respond), GenerationSettings(temperature=1.0), role="optimizer"),
+                          seed=0, namespace="test", max_parse_retries=1, max_prompt_chars=400)
+    chat = make_chat("role", "Write a system prompt.")
+    assert writer.prompts([chat, chat], "system", 1, shown=[[question], []]) == [
+        "Read every detail of the request before answering.", f"Remember that {question}"]
+    assert writer.retries == 1 and "quoted 8 or more words of an example question" in seen[-1]

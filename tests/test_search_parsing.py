@@ -168,3 +168,30 @@ def test_parsing_any_reply_never_raises_and_never_adopts_an_error(reply, kind):
 def test_analysis_of_any_reply_never_raises_and_never_is_an_error(reply):
     analysis = parse_analysis(reply, LIMIT)
     assert len(analysis) <= LIMIT and not any(error in analysis for error in ERRORS)
+
+
+# ---- system prompts must be general ----------------------------------------------------------------
+
+QUESTION = "Alice, Bob and Claire are dancers at a square dance. At the start Alice is with Sam."
+
+
+def test_a_system_prompt_that_quotes_a_shown_question_is_rejected():
+    reply = "<prompt>Be careful. Alice, Bob and Claire are dancers at a square dance, so track them.</prompt>"
+    parsed = parse_prompt(reply, "system", LIMIT, shown=[QUESTION])
+    assert parsed.prompt is None and "quoted 8 or more words" in parsed.reason
+    # The same words are fine in a user prompt (a task's own template may restate its setting) and
+    # in a system prompt whose request showed no such question.
+    assert parse_prompt(reply.replace(".</", " {question}</"), "user", LIMIT, shown=[QUESTION]).prompt
+    assert parse_prompt(reply, "system", LIMIT, shown=["Count the fruit."]).prompt
+
+
+def test_seven_shared_words_are_not_a_quote():
+    reply = "<prompt>Remember: Alice, Bob and Claire are dancers at the ball.</prompt>"  # 7 words shared
+    assert parse_prompt(reply, "system", LIMIT, shown=[QUESTION]).prompt
+
+
+@pytest.mark.parametrize("reply", ["Understood. Please provide the task.", "<prompt>Thanks! Send me the question.</prompt>",
+                                   "Got it, I will wait for the details."])
+def test_a_reply_addressed_to_the_optimizer_user_is_not_a_prompt(reply):
+    parsed = parse_prompt(reply, "system", LIMIT)
+    assert parsed.prompt is None and "reply to the request" in parsed.reason

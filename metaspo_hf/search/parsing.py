@@ -14,7 +14,10 @@ policy (see docs/method.md):
   (``{{question}}``, ``{ Question }``, ``{input}``, ``{query}``...) are normalised, a missing slot is
   appended after the prompt, extra slots become "the question" (repair, not rejection: the
   prompt's wording is still a useful candidate, and the score decides whether it is kept);
-- a system prompt must not contain the slot: it becomes "the question".
+- a system prompt must not contain the slot: it becomes "the question";
+- a system prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words):
+  it must be general, and a 0.5B optimizer copies a failed question into it verbatim;
+- a reply that answers us ("Understood. Please provide the task...") is not a prompt.
 
 Nothing here raises on any input string.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import difflib
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..tasks.task import QUESTION_SLOT
@@ -67,6 +71,10 @@ _REFUSAL = re.compile(
     r"|I'?m sorry, but|as an AI (?:language )?model",
     re.IGNORECASE,
 )
+# A reply addressed to us instead of a prompt (small optimizers answer the meta-prompt like a chat).
+_ACKNOWLEDGEMENT = re.compile(r"\A\s*(?:understood|got it|noted|i understand|thank you|thanks)\b", re.IGNORECASE)
+# A system prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
+COPIED_WORDS = 8
 _QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"))
 
 
@@ -76,8 +84,9 @@ class Parsed:
     reason: str | None = None  # why nothing was usable
 
 
-def parse_prompt(text: str, kind: str, max_chars: int) -> Parsed:
-    """The prompt in an optimizer reply; ``kind`` is "user" (needs the slot) or "system"."""
+def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()) -> Parsed:
+    """The prompt in an optimizer reply; ``kind`` is "user" (needs the slot) or "system"; ``shown``: the
+    questions the request showed (a system prompt must not quote them)."""
     blocks = tagged_blocks(text, PROMPT_TAG) or [_without_tagged_blocks(text)]
     reasons = []
     for block in reversed(blocks):  # the last block is usually the final answer, earlier ones drafts
@@ -86,7 +95,7 @@ def parse_prompt(text: str, kind: str, max_chars: int) -> Parsed:
             reasons.append("it was empty")
             continue
         prompt = fix_slot(cleaned) if kind == "user" else _SLOT_VARIANT.sub("the question", cleaned)
-        reason = reject_reason(prompt, max_chars)
+        reason = reject_reason(prompt, max_chars) or (_quoted_reason(prompt, shown) if kind == "system" else None)
         if reason is None:
             return Parsed(prompt)
         reasons.append(reason)
@@ -197,9 +206,23 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
         return "it looked like an error message"
     if _REFUSAL.search(prompt):
         return "it was a refusal"
+    if _ACKNOWLEDGEMENT.match(prompt):
+        return "it was a reply to the request, not a prompt"
     if _is_garbled(prompt):
         return "it was repetitive or garbled"
     return None
+
+
+def _quoted_reason(prompt: str, shown: Sequence[str]) -> str | None:
+    """Why a system prompt is task-specific: it quotes one of the ``shown`` questions."""
+    if any(_word_runs(prompt) & _word_runs(text) for text in shown):
+        return f"it quoted {COPIED_WORDS} or more words of an example question (a system prompt must be general)"
+    return None
+
+
+def _word_runs(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i : i + COPIED_WORDS]) for i in range(len(words) - COPIED_WORDS + 1)}
 
 
 def _is_garbled(text: str) -> bool:

@@ -48,7 +48,8 @@ def rewrite_system_prompts(
     analysis_chats = [prompts.system_analysis(state.system_prompt, failures) for failures in failure_sets]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
     rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis) for analysis in analyses]
-    return ctx.writer.prompts(rewrite_chats, "system", iteration, "system")
+    shown = [[w.question for _, w in failures] for failures in failure_sets]
+    return ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
 
 
 def gather_failures(
@@ -81,14 +82,15 @@ def ape_system_prompts(
     ctx: SearchContext, state: BilevelState, count: int, iteration: int
 ) -> list[str | None]:
     """System prompts written from demos of every task, mixed together."""
-    chats = []
+    chats, shown = [], []
     for j in range(count):
         demos = [
             ex for task in ctx.tasks for ex in _demos(ctx, task, ctx.budget.ape_demos_per_task, iteration, j)
         ]
         ctx.rng(iteration, "mix", j).shuffle(demos)
         chats.append(prompts.ape_system(demos))
-    return ctx.writer.prompts(chats, "system", iteration, "system_ape")
+        shown.append([ex.question for ex in demos])
+    return ctx.writer.prompts(chats, "system", iteration, "system_ape", shown=shown)
 
 
 def resample_user_prompts(

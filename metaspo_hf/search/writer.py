@@ -42,14 +42,18 @@ class PromptWriter:
             parse_analysis(text, self.max_prompt_chars) for text in self.generate(chats, *step, "analysis")
         ]
 
-    def prompts(self, chats: list[Chat], kind: str, *step: object) -> list[str | None]:
-        """One prompt per chat, or None where every attempt was unusable.
+    def prompts(self, chats: list[Chat], kind: str, *step: object,
+                shown: list[list[str]] | None = None) -> list[str | None]:
+        """One prompt per chat, or None where every attempt was unusable; ``shown``: per chat, the
+        questions its request was written from (a system prompt must not quote them).
 
         Unusable rows are re-asked together, with a note on what was wrong, at most
         ``max_parse_retries`` times.
         """
+        shown = shown or [[] for _ in chats]
         parsed = [
-            parse_prompt(text, kind, self.max_prompt_chars) for text in self.generate(chats, *step, "write")
+            parse_prompt(text, kind, self.max_prompt_chars, shown[i])
+            for i, text in enumerate(self.generate(chats, *step, "write"))
         ]
         for attempt in range(1, self.max_parse_retries + 1):
             failed = [i for i, p in enumerate(parsed) if p.prompt is None]
@@ -58,7 +62,7 @@ class PromptWriter:
             self.retries += len(failed)
             retry_chats = [prompts.with_format_reminder(chats[i], parsed[i].reason, kind) for i in failed]
             for i, text in zip(failed, self.generate(retry_chats, *step, "retry", attempt), strict=True):
-                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars)
+                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars, shown[i])
         self.failures += sum(p.prompt is None for p in parsed)
         return [p.prompt for p in parsed]
 
