@@ -131,3 +131,34 @@ def test_out_of_memory_halves_the_batch_and_keeps_results(tiny_llama, tiny_token
     monkeypatch.setattr(engine, "_generate_chunk", small_memory)
     assert engine.generate(chats, settings) == want
     assert engine.batch_size == 2 and engine.stats.oom_retries >= 2
+
+
+def test_cpu_linears_run_on_packed_weights_only_inside_engine_calls(tiny_llama, tiny_tokenizer):
+    from metaspo_hf.models.engine import packed_linear_weights
+
+    packed = packed_linear_weights(tiny_llama)
+    if not packed:
+        pytest.skip("this torch build has no usable oneDNN packed linear kernel")
+    linears = [m for m in tiny_llama.modules() if type(m) is torch.nn.Linear]
+    assert set(packed) == set(linears)
+    shadowed = []
+    hook = linears[0].register_forward_pre_hook(lambda m, args: shadowed.append("forward" in vars(m)))
+    chats = [make_chat(SYSTEMS[0], q) for q in QUESTIONS]
+    settings = GenerationSettings(max_new_tokens=6)
+    with_packing = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=4, progress=False).generate(chats, settings)
+    hook.remove()
+    assert shadowed and all(shadowed)  # every layer call inside the engine used the packed weight
+    assert not any("forward" in vars(m) for m in linears)  # and the model is left as it was
+    without = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=4, progress=False, packed_linears=False)
+    assert without.packed == {}
+    assert with_packing == without.generate(chats, settings)
+
+
+def test_packing_is_skipped_for_models_over_the_size_bound(tiny_tokenizer, monkeypatch):
+    from tiny import tiny_model
+
+    from metaspo_hf.models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_PACKED_LINEARS_MAX_BYTES", 1024)
+    model = tiny_model(tiny_tokenizer, seed=1)  # a fresh model: packing is remembered per model
+    assert HFEngine(model, tiny_tokenizer, "tiny", progress=False).packed == {}

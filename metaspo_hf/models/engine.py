@@ -19,15 +19,22 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    computed in prefill.
 6. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
    dropped from the batch and the cache, so they stop costing decode steps.
+7. On CPU, the model's linear layers run on weights packed once for oneDNN (the kernels that torch's
+   inductor uses for frozen CPU models), during the engine's calls only. Dense matmuls are ~85% of a
+   decode step, and at decode shapes these kernels are 1.4-1.7x faster than the default ones (2.6x on
+   SmolLM2's 49k-row vocabulary projection). bfloat16 results are bit-identical; float32 ones differ
+   in the last bits (sums in another order), like the shared-prefix attention.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -111,6 +118,53 @@ def _attending_to(model, prefix: _Prefix | None):
         _shared_prefix_kv.reset(token)
 
 
+# Packing copies the weights; a model whose linear layers hold more than this is left as it is.
+_PACKED_LINEARS_MAX_BYTES = 4 * 2**30
+# Per model, its packed linear weights (shared by every engine on that model; gone with the model).
+_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_linear_weights(model) -> dict:
+    """{Linear module: its weight packed for oneDNN} for a float CPU model, else {} (not on CPU, no oneDNN,
+    over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing or disagrees)."""
+    if model in _packed_weights:
+        return _packed_weights[model]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear  # subclasses: quantized layers
+               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    packed = {}
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if linears and torch.backends.mkldnn.is_available() and size <= _PACKED_LINEARS_MAX_BYTES:
+        try:
+            with torch.inference_mode():
+                packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in linears}
+                probe = linears[0]
+                x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype)
+                expected = torch.nn.functional.linear(x, probe.weight, probe.bias).float()
+                agree = torch.allclose(_packed_linear(x, packed[probe], probe.bias).float(), expected,
+                                       rtol=1e-2, atol=1e-3)
+        except (AttributeError, RuntimeError):  # an op this torch build lacks or cannot run
+            agree = False
+        packed = packed if agree else {}
+    _packed_weights[model] = packed
+    return packed
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@contextmanager
+def _on_packed_weights(packed: dict):
+    """Within the block, each packed Linear module computes with its packed weight (its forward shadowed)."""
+    for module, weight in packed.items():
+        module.forward = partial(_packed_linear, weight=weight, bias=module.bias)
+    try:
+        yield
+    finally:
+        for module in packed:
+            del module.forward
+
+
 class _BufferLayer(DynamicLayer):
     """One layer's keys and values in buffers allocated once per chunk: a decode step writes its token
     in place, where the default layer concatenates (copying the whole cache at every step)."""
@@ -185,6 +239,7 @@ class HFEngine:
         prefix_reuse: bool = True,
         progress: bool = True,
         suppress_eos: bool = False,
+        packed_linears: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -198,6 +253,8 @@ class HFEngine:
         self.stats = EngineStats()
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
+        # Step 7 of the module doc; {} where it does not apply (e.g. on a GPU).
+        self.packed = packed_linear_weights(model) if packed_linears else {}
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, chat: Chat) -> str:
@@ -231,7 +288,7 @@ class HFEngine:
         outputs: list[list[int]] = [[] for _ in rows]
         bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
                    disable=not self.progress or None, leave=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), _on_packed_weights(self.packed):
             for group in groups.values():
                 prefix = self._prefill_prefix(group)
                 for row in group:

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import LoglikRequest
-from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _Prefix, _Row, split_on_oom
+from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _on_packed_weights, _Prefix, _Row, split_on_oom
 
 # Attention scores one packed chunk may hold at once (rows x heads x queries x keys): 64 MB per layer in
 # float32. Scores of one whole row are always allowed, however long it is.
@@ -107,7 +107,7 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
     packed = engine.prefix_reuse and engine._attention_source in _SHARED_PREFIX_SOURCES
     bar = tqdm(total=len(contexts), desc=desc or f"loglik ({engine.name})", unit="context",
                disable=not engine.progress or None, leave=False)
-    with torch.inference_mode():
+    with torch.inference_mode(), _on_packed_weights(engine.packed):
         for group in groups.values():
             prefix = engine._prefill_prefix([c.row for c in group]) if packed else _Prefix(0, None)
             for context in group:
