@@ -20,10 +20,10 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 6. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
    dropped from the batch and the cache, so they stop costing decode steps.
 7. On CPU, the model's linear layers run on weights packed once for oneDNN (the kernels that torch's
-   inductor uses for frozen CPU models), during the engine's calls only. Dense matmuls are ~85% of a
-   decode step, and at decode shapes these kernels are 1.4-1.7x faster than the default ones (2.6x on
-   SmolLM2's 49k-row vocabulary projection). bfloat16 results are bit-identical; float32 ones differ
-   in the last bits (sums in another order), like the shared-prefix attention.
+   inductor uses for frozen CPU models), during the engine's calls only. They took ~3/4 of the
+   engine's time on W1; at decode shapes these kernels are 1.4-1.7x faster than the default ones
+   (2.6x on SmolLM2's 49k-row vocabulary projection). bfloat16 results are bit-identical; float32
+   ones differ in the last bits (sums in another order), like the shared-prefix attention.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def packed_linear_weights(model) -> dict:
             with torch.inference_mode():
                 packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in linears}
                 probe = linears[0]
-                x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype)
+                # Its own generator: building an engine must not move the global random state.
+                x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype,
+                                generator=torch.Generator().manual_seed(0))
                 expected = torch.nn.functional.linear(x, probe.weight, probe.bias).float()
                 agree = torch.allclose(_packed_linear(x, packed[probe], probe.bias).float(), expected,
                                        rtol=1e-2, atol=1e-3)
@@ -162,7 +164,7 @@ def _on_packed_weights(packed: dict):
         yield
     finally:
         for module in packed:
-            del module.forward
+            vars(module).pop("forward", None)  # the class's forward again
 
 
 class _BufferLayer(DynamicLayer):
