@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_recipe_args(p)
         _add_run_args(p)
-        p.add_argument("--system-prompt", required=True, metavar="FILE", help="text file holding the system prompt")
+        p.add_argument("--system-prompt", required=True, action="append", metavar="FILE",
+                       help="text file holding the system prompt; repeat it to compare several (the first is the "
+                            "one compared with every other, item by item)")
         p.add_argument("--tasks", nargs="+", help="tasks to use instead of the suite's meta-test tasks")
 
     p = sub.add_parser("reproduce", help="train, then both protocols on unseen tasks, then the report")
@@ -120,7 +122,7 @@ def run_command(args: argparse.Namespace) -> None:
         phases = {"train": ("train",), "evaluate": ("evaluate",), "adapt": ("adapt",),
                   "reproduce": ("train", "evaluate", "adapt")}[command]
         run_dir = pipeline.run(args.recipe, args.overrides, phases=phases, output_dir=args.output_dir,
-                               resume=args.resume, system_prompt_file=getattr(args, "system_prompt", None),
+                               resume=args.resume, system_prompt_files=getattr(args, "system_prompt", None),
                                task_names=getattr(args, "tasks", None))
         # The run folder is always the last line, so scripts can capture it.
         print(run_dir)

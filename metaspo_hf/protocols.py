@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import fmean, stdev
+from statistics import fmean
 
 from .errors import MetaspoError
 from .models.base import LM, stable_hash
@@ -24,7 +25,8 @@ from .search.methods.unilevel import user_prompt_search
 from .search.proposals import rewrite_user_prompts
 from .search.scorer import Scorer, Trial
 from .search.writer import PromptWriter
-from .tasks.task import QUESTION_SLOT, Task
+from .stats import spread
+from .tasks.task import QUESTION_SLOT, Example, Task
 
 SERVICE_SYSTEM_PROMPT = """\
 You are the virtual assistant of a technology company, available to customers and staff around the \
@@ -152,10 +154,13 @@ def unseen_generalization(
         trials = [
             Trial(system, user, task, examples) for system in system_prompts.values() for user in task_prompts
         ]
-        means = iter(score.mean for score in scorer(trials, desc=f"unseen {task.name}"))
-        results[task.name] = {
-            label: summarize([next(means) for _ in task_prompts]) for label in system_prompts
-        }
+        scored = iter(scorer(trials, desc=f"unseen {task.name}"))
+        results[task.name] = {}
+        for label in system_prompts:
+            per_prompt = [next(scored) for _ in task_prompts]
+            # Per-question scores, one list per user prompt: the items paired comparisons rest on.
+            results[task.name][label] = {**summarize([s.mean for s in per_prompt]),
+                                         "items": [s.scores for s in per_prompt]}
         if on_event:
             on_event(
                 {
@@ -169,13 +174,28 @@ def unseen_generalization(
 
 
 def summarize(scores: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for a single sample) of per-user-prompt scores."""
-    return {
-        "mean": fmean(scores),
-        "sd": stdev(scores) if len(scores) > 1 else 0.0,
-        "n": len(scores),
-        "scores": scores,
-    }
+    """Mean, sample sd and n of per-user-prompt scores, and the scores."""
+    return {**spread(scores), "scores": scores}
+
+
+def item_rows(tasks: Sequence[Task], results: dict[str, dict[str, dict]], seed: int) -> list[dict]:
+    """One row per (label, user prompt, test question) of ``unseen_generalization``'s results, with the
+    columns of ``stats.ITEM_FIELDS``; a question is named by a digest of its text, so that the rows of
+    several seeds can be pooled by question."""
+    by_name = {task.name: task for task in tasks}
+    rows = []
+    for task_name, by_label in results.items():
+        examples = by_name[task_name].test
+        for label, summary in by_label.items():
+            for user_index, scores in enumerate(summary["items"]):
+                rows += [{"seed": seed, "task": task_name, "user_prompt": user_index,
+                          "question": question_id(example), "label": label, "score": score}
+                         for example, score in zip(examples, scores, strict=False)]
+    return rows
+
+
+def question_id(example: Example) -> str:
+    return hashlib.sha256(example.question.encode()).hexdigest()[:12]
 
 
 def overall_scores(results: dict[str, dict[str, dict]]) -> dict[str, float]:

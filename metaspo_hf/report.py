@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .errors import MetaspoError
 from .models.base import make_chat
-from .runs import atomic_file, read_json, write_json_atomic, write_text_atomic
+from .runs import RunDir, atomic_file, read_json, write_json_atomic, write_text_atomic
+from .stats import describe, paired_difference, spread
 
 # Baselines first, in the order the paper's tables use, then MetaSPO; other labels (system prompt
 # files given to `metaspo evaluate`) follow in the order they appear.
@@ -38,6 +38,8 @@ COST_KEYS = (
 META_TRAIN_KEYS = ("iteration", "incumbent_score", "best_candidate_score", "adopted")
 # Per-iteration call counts the search adds to its history entries; shown when present.
 STEP_CALL_COUNTS = ("optimizer_calls", "base_generations")
+# The baseline the report's first sentence compares the run's prompt with.
+DEFAULT_LABEL = "default"
 # The baselines whose gap to MetaSPO `compare_runs` weighs against seed-to-seed noise.
 MARGIN_BASELINES = ("default", "cot")
 # Placeholder user turn in the exported chat snippet.
@@ -153,14 +155,24 @@ def write_report(run_dir: str | Path) -> Path:
     # Methods share the label colors (the `metaspo` curve matches the `metaspo` bars).
     colors = _label_colors(_ordered_labels([*labels, *result["meta_train"]]))
 
+    comparisons = result.get("comparisons", {})
+
+    def paired(label: str, task: str | None) -> list:
+        """The run's prompt minus ``label`` on the same items, with its interval (blank where none)."""
+        c = comparisons.get(label)
+        c = c and (c["overall"] if task is None else c["tasks"].get(task))
+        return [c["mean"], c["low"], c["high"], c["verdict"]] if c else ["", "", "", ""]
+
     _write_csv(
         folder / "scores.csv",
-        ["task", "label", "mean", "sd", "n"],
+        ["task", "label", "mean", "sd", "n", "paired_difference", "ci_low", "ci_high", "verdict"],
         [
-            [task, label, s["mean"], s["sd"], s["n"]]
+            [task, label, s["mean"], s["sd"], s["n"], *paired(label, task)]
             for task, by_label in result["scores"].items()
             for label, s in _in_order(by_label, labels)
-        ],
+        ]
+        + [["overall", label, mean, "", "", *paired(label, None)]
+           for label, mean in _in_order(result["overall"], labels)],
     )
     _write_csv(
         folder / "adaptation.csv",
@@ -202,6 +214,7 @@ def _report_markdown(result: dict, labels: list[str], plotted: dict[str, bool]) 
     lines = [
         f"# MetaSPO run: {result['recipe']}",
         "",
+        *_verdict_lines(result),
         f"Model `{result['model']}`, method `{result['method']}`, seed {result['seed']}; "
         f"total wall time {_duration(result['wall_seconds'])}.",
         "",
@@ -262,8 +275,52 @@ def _scores_section(result: dict, labels: list[str]) -> list[str]:
         "",
         f"![Unseen generalization]({PLOTS['scores']})",
         "",
-        "Data: [scores.csv](scores.csv).",
+        "Data: [scores.csv](scores.csv) (with the paired differences), [items.csv](items.csv) (every "
+        "question's score under every system prompt).",
+        "",
+        *_paired_section(result, labels),
     ]
+
+
+def _verdict_lines(result: dict) -> list[str]:
+    """The report's first words: is the run's prompt better than the default, on paired items?"""
+    main, comparisons = result.get("main_label", result["method"]), result.get("comparisons", {})
+    if DEFAULT_LABEL not in comparisons or not comparisons[DEFAULT_LABEL]:
+        return []
+    same = result["system_prompts"].get(main) == result["system_prompts"].get(DEFAULT_LABEL)
+    guard = result.get("guard", {}).get(main)
+    if same and guard and not guard["kept"]:
+        sentence = (f"the validation guard turned down `{main}`'s searched prompt ({_interval(guard['difference']['overall'])} "
+                    "against the initial prompt on held-out training questions), so the run returns the default system prompt.")
+    elif same:
+        sentence = f"`{main}` returned the default system prompt itself, so there is nothing to tell apart."
+    else:
+        sentence = describe(comparisons[DEFAULT_LABEL], main, DEFAULT_LABEL)
+    return [f"**Result on the unseen tasks:** {sentence}", ""]
+
+
+def _paired_section(result: dict, labels: list[str]) -> list[str]:
+    main, comparisons = result.get("main_label", result["method"]), result.get("comparisons", {})
+    compared = [(label, c) for label, c in _in_order(comparisons, labels) if c]
+    if not compared:
+        return []
+    tasks = list(result["scores"])
+    rows = [
+        [label, *(_interval(c["tasks"].get(task)) for task in tasks), _interval(c["overall"]), c["overall"]["verdict"]]
+        for label, c in compared
+    ]
+    return [
+        f"### `{main}` against each other system prompt, paired",
+        "",
+        f"Mean of `{main}`'s score minus the other's on the same (user prompt, question) items, with a 95% "
+        "bootstrap interval over questions (seeded). An interval that contains 0 is no difference.",
+        "",
+        *_markdown_table(["compared with", *tasks, "overall", "verdict"], rows),
+    ]
+
+
+def _interval(c: dict | None) -> str:
+    return "–" if not c else f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
 def _adaptation_section(result: dict, labels: list[str], plotted: bool) -> list[str]:
@@ -320,9 +377,26 @@ def _meta_train_section(result: dict, plotted: bool) -> list[str]:
         "",
         *_markdown_table(header, rows),
         "",
+        *_guard_lines(result),
         f"![Meta-training]({PLOTS['meta_train']})",
         "",
         "Data: [meta_train.csv](meta_train.csv).",
+    ]
+
+
+def _guard_lines(result: dict) -> list[str]:
+    guards = result.get("guard", {})
+    if not guards:
+        return []
+    rows = [[method, _interval(g["difference"]["overall"]), str(g["difference"]["overall"]["items"]),
+             f"> {g['margin']:+.3f}", "kept" if g["kept"] else "turned down (initial prompt returned)"]
+            for method, g in guards.items()]
+    return [
+        "Validation guard: each searched system prompt against the initial one on training questions the "
+        "search never saw (paired; 95% bootstrap interval). It is kept only if the mean gain passes the margin.",
+        "",
+        *_markdown_table(["method", "searched minus initial", "items", "needs", "decision"], rows),
+        "",
     ]
 
 
@@ -488,14 +562,15 @@ def summarize_seeds(results: list[dict]) -> dict:
     tasks = list(dict.fromkeys(task for r in results for task in r["scores"]))
     summary = {
         "recipe": results[0]["recipe"],
+        "main_label": results[0].get("main_label", results[0]["method"]),
         "seeds": [r["seed"] for r in results],
         "overall": {
-            label: _spread([r["overall"][label] for r in results if label in r["overall"]])
+            label: spread([r["overall"][label] for r in results if label in r["overall"]])
             for label in labels
         },
         "tasks": {
             task: {
-                label: _spread(
+                label: spread(
                     [r["scores"][task][label]["mean"] for r in results if label in r["scores"].get(task, {})]
                 )
                 for label in labels
@@ -505,21 +580,26 @@ def summarize_seeds(results: list[dict]) -> dict:
         },
         "margins": {},
     }
-    metaspo = summary["overall"].get("metaspo")
+    main = summary["main_label"]
     for baseline in MARGIN_BASELINES:
         paired = [
-            r["overall"]["metaspo"] - r["overall"][baseline]
+            r["overall"][main] - r["overall"][baseline]
             for r in results
-            if "metaspo" in r["overall"] and baseline in r["overall"]
+            if main in r["overall"] and baseline in r["overall"]
         ]
         if paired:
-            margin = _spread(paired)
+            margin = spread(paired)
             summary["margins"][baseline] = {
                 **margin,
-                "metaspo_seed_sd": metaspo["sd"],
-                "beyond_seed_noise": margin["mean"] > metaspo["sd"],
+                "metaspo_seed_sd": summary["overall"][main]["sd"],
+                "beyond_seed_noise": margin["mean"] > summary["overall"][main]["sd"],
             }
     return summary
+
+
+def pooled_comparisons(items: list[dict], main: str, labels: Iterable[str]) -> dict:
+    """``main`` against each other label on the items of every seed pooled (stats.paired_difference)."""
+    return {label: c for label in labels if label != main and (c := paired_difference(items, main, label))}
 
 
 def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
@@ -550,6 +630,8 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
         )
 
     summary = summarize_seeds(results)
+    items = [row for folder in folders for row in RunDir(folder).read_items()]
+    summary["paired"] = pooled_comparisons(items, summary["main_label"], summary["overall"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(
@@ -601,6 +683,7 @@ def _comparison_markdown(summary: dict, folders: list[Path], out: Path) -> str:
         "",
         "Data: [comparison.csv](comparison.csv).",
         "",
+        *_pooled_section(summary),
         "## MetaSPO's margin against seed-to-seed noise",
         "",
     ]
@@ -629,6 +712,28 @@ def _comparison_markdown(summary: dict, folders: list[Path], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pooled_section(summary: dict) -> list[str]:
+    main, paired = summary["main_label"], summary["paired"]
+    if not paired:
+        return ["The run folders hold no items.csv, so there are no paired differences.", ""]
+    tasks = list(summary["tasks"])
+    lines = ["## Paired differences on the pooled items of every seed", ""]
+    if DEFAULT_LABEL in paired:
+        lines += [f"**{describe(paired[DEFAULT_LABEL], main, DEFAULT_LABEL)}**", ""]
+    return lines + [
+        f"`{main}`'s score minus each other system prompt's on the same (seed, task, user prompt, question) "
+        "items, pooled over the seeds, with a 95% bootstrap interval over questions (seeded). An interval "
+        "that contains 0 is no difference.",
+        "",
+        *_markdown_table(
+            ["compared with", *tasks, "overall", "verdict"],
+            [[label, *(_interval(c["tasks"].get(task)) for task in tasks), _interval(c["overall"]),
+              c["overall"]["verdict"]] for label, c in paired.items()],
+        ),
+        "",
+    ]
+
+
 def _plot_comparison(summary: dict, path: Path) -> None:
     labels = list(summary["overall"])
     colors = _label_colors(labels)
@@ -645,15 +750,6 @@ def _plot_comparison(summary: dict, path: Path) -> None:
     ax.set_ylabel("overall test score (mean ± sd over seeds)")
     ax.set_title(f"{summary['recipe']}: {len(summary['seeds'])} seeds")
     _save_png(fig, path)
-
-
-def _spread(values: list[float]) -> dict:
-    # Sample sd (n - 1): the runs are a sample of the seeds one could have drawn.
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 # ---- formatting helpers ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ environment (tokens, keys, passwords) is ever written: see ``scrub``.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import yaml
 from . import __version__
 from .errors import MetaspoError
 from .models.cache import count_responses
+from .stats import ITEM_FIELDS
 
 # The issue's documented default location, relative to the folder the command runs in.
 RUNS_ROOT = Path("runs")
@@ -240,6 +242,11 @@ class RunDir:
         return self.path / "result.json"
 
     @property
+    def items_file(self) -> Path:
+        """Every unseen-generalization item's score (``stats.ITEM_FIELDS``): paired analyses start here."""
+        return self.path / "items.csv"
+
+    @property
     def report_file(self) -> Path:
         return self.path / "report.md"
 
@@ -380,6 +387,21 @@ class RunDir:
 
     def read_json(self, path: str | Path) -> Any:
         return read_json(self.path / path)
+
+    def write_items(self, rows: list[dict]) -> Path:
+        with atomic_file(self.items_file) as fh:
+            writer = csv.DictWriter(fh, fieldnames=ITEM_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        return self.items_file
+
+    def read_items(self) -> list[dict]:
+        """The rows of items.csv, typed as written; none for a run without unseen-generalization scores."""
+        if not self.items_file.exists():
+            return []
+        with open(self.items_file, newline="", encoding="utf-8") as fh:
+            return [{**row, "seed": int(row["seed"]), "user_prompt": int(row["user_prompt"]),
+                     "score": float(row["score"])} for row in csv.DictReader(fh)]
 
     def save_checkpoint(self, name: str, state: Any) -> Path:
         """Atomically store ``state`` as ``checkpoints/<name>.json``."""

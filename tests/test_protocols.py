@@ -101,17 +101,27 @@ def test_unseen_generalization_scores_every_pair_and_summarizes_over_user_prompt
         "sd": pytest.approx(stdev([1.0, 0.5])),
         "n": 2,
         "scores": [1.0, 0.5],
+        "items": [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]],
     }
     assert scores["a"]["none"] == {
         "mean": 0.125,
         "sd": pytest.approx(stdev([0.25, 0.0])),
         "n": 2,
         "scores": [0.25, 0.0],
+        "items": [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
     }
-    assert scores["b"]["strong"] == {"mean": 0.5, "sd": 0.0, "n": 1, "scores": [0.5]}
+    assert scores["b"]["strong"] == {"mean": 0.5, "sd": 0.0, "n": 1, "scores": [0.5], "items": [[1, 1, 0, 0]]}
     assert protocols.overall_scores(scores) == {"none": pytest.approx(0.0625), "strong": pytest.approx(0.625)}
     assert [e["task"] for e in events] == ["a", "b"]
     assert json.loads(json.dumps(scores)) == scores
+
+    rows = protocols.item_rows(tasks, scores, seed=7)
+    assert len(rows) == 2 * (2 * 4 + 1 * 4)  # labels x (user prompts x questions) per task
+    assert rows[0] == {"seed": 7, "task": "a", "user_prompt": 0, "question": protocols.question_id(tasks[0].test[0]),
+                       "label": "none", "score": 1.0}
+    strong_b = [r for r in rows if r["task"] == "b" and r["label"] == "strong"]
+    assert [r["score"] for r in strong_b] == [1, 1, 0, 0]
+    assert len({r["question"] for r in strong_b}) == 4  # one id per distinct question
 
 
 def test_unseen_generalization_needs_user_prompts_and_test_questions():

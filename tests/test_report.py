@@ -12,7 +12,8 @@ from matplotlib.image import imread
 
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.report import CANONICAL_LABELS, compare_runs, validate_result, write_report
-from metaspo_hf.runs import write_json_atomic
+from metaspo_hf.runs import RunDir, write_json_atomic
+from metaspo_hf.stats import describe, paired_difference
 
 TASKS = ("logical_deduction", "object_counting", "navigate")
 LABELS = (*CANONICAL_LABELS, "my_prompt")
@@ -116,10 +117,11 @@ def test_plots_open_and_csvs_match_the_data(tmp_path):
         assert image.shape[0] > 100 and image.shape[1] > 100
 
     rows = read_csv(tmp_path / "scores.csv")
-    assert len(rows) == len(TASKS) * len(LABELS)
-    for row in rows:
+    assert len(rows) == (len(TASKS) + 1) * len(LABELS)  # each task, then the overall row of each label
+    for row in rows[: len(TASKS) * len(LABELS)]:
         expected = result["scores"][row["task"]][row["label"]]
         assert float(row["mean"]) == expected["mean"] and float(row["sd"]) == expected["sd"]
+    assert {row["label"]: float(row["mean"]) for row in rows if row["task"] == "overall"} == result["overall"]
     adaptation = read_csv(tmp_path / "adaptation.csv")
     assert [float(r["score"]) for r in adaptation if r["task"] == TASKS[0] and r["label"] == "metaspo"] == (
         result["adaptation"][TASKS[0]]["metaspo"]
@@ -228,3 +230,56 @@ def test_compare_runs_refuses_mixed_recipes_and_repeated_seeds(tmp_path):
         compare_runs([a, b], tmp_path / "out")
     with pytest.raises(MetaspoError, match="seed 1"):
         compare_runs([a, c], tmp_path / "out")
+
+
+def paired_result(shift: float) -> dict:
+    """A result whose `metaspo` prompt scores ``shift`` above `default` on 60 paired questions."""
+    items = [{"seed": 0, "task": task, "user_prompt": 0, "question": f"q{i}", "label": label,
+              "score": float((i % 10) < 5 + (shift * 10 if label == "metaspo" else 0))}
+             for task in TASKS for i in range(20) for label in ("metaspo", "default")]
+    result = synthetic_result()
+    result["comparisons"] = {"default": paired_difference(items, "metaspo", "default")}
+    return result
+
+
+@pytest.mark.parametrize("shift, sentence", [
+    (0.3, "`metaspo` is better than `default`: paired difference +0.300 (95% CI +0.1"),
+    (0.0, "`metaspo` is not distinguishable from `default`: paired difference +0.000 (95% CI +0.000 to +0.000"),
+    (-0.3, "`metaspo` is worse than `default`: paired difference -0.300"),
+])
+def test_the_report_opens_with_the_paired_verdict_against_the_default(tmp_path, shift, sentence):
+    result = paired_result(shift)
+    text = write_report(write_run(tmp_path, result)).read_text()
+    first = text.splitlines()[2]
+    assert first.startswith("**Result on the unseen tasks:** " + sentence), first
+    row = next(line for line in text.splitlines() if line.startswith("| default | "))
+    assert row.endswith(f"| {result['comparisons']['default']['overall']['verdict']} |")
+    overall = next(r for r in read_csv(tmp_path / "scores.csv") if r["task"] == "overall" and r["label"] == "default")
+    assert float(overall["paired_difference"]) == pytest.approx(shift)
+    assert float(overall["ci_low"]) <= shift <= float(overall["ci_high"])
+
+
+def test_a_run_that_returned_the_default_prompt_says_so(tmp_path):
+    result = paired_result(0.0)
+    result["system_prompts"]["metaspo"] = result["system_prompts"]["default"]
+    text = write_report(write_run(tmp_path, result)).read_text()
+    assert "returned the default system prompt itself" in text.splitlines()[2]
+
+
+def test_compare_runs_pools_the_items_of_every_seed(tmp_path):
+    folders, rows = [], []
+    for seed in (1, 2):
+        folder = write_run(tmp_path / f"seed{seed}", synthetic_result(seed))
+        seed_rows = [{"seed": seed, "task": task, "user_prompt": 0, "question": f"{task}-{i}", "label": label,
+                      "score": float(i % 4 == 0 or label == "metaspo")}
+                     for task in TASKS for i in range(12) for label in ("metaspo", "default", "cot")]
+        RunDir(folder).write_items(seed_rows)
+        folders.append(folder)
+        rows += seed_rows
+    text = compare_runs(folders, tmp_path / "comparison").read_text()
+    pooled = paired_difference(rows, "metaspo", "default")
+    assert pooled["overall"]["items"] == 2 * len(TASKS) * 12 and pooled["overall"]["verdict"] == "better"
+    assert f"**{describe(pooled, 'metaspo', 'default')}**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| default | +"))
+    o = pooled["overall"]
+    assert f"| {o['mean']:+.3f} [{o['low']:+.3f}, {o['high']:+.3f}] | better |" in row
