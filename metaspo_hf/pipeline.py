@@ -27,27 +27,27 @@ class RunInterrupted(Exception):
 
 
 def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_dir: str | None = None,
-        resume: str | None = None, system_prompt_file: str | None = None,
+        resume: str | None = None, system_prompt_files: list[str] | None = None,
         task_names: list[str] | None = None) -> Path:
     """Run ``phases`` of a recipe into a run folder (new, or resumed: finished generations replay from
     its response cache) and write result.json and the report. Returns the run folder."""
     # 1. Recipe, system prompt file and tasks are checked before anything is written.
     recipe = load_recipe(recipe_name, overrides)
-    file_prompt = _read_system_prompt(system_prompt_file) if system_prompt_file else None
+    # Labelled by file name; the first file's prompt is the one the run is about.
+    file_prompts = {Path(path).stem: _read_system_prompt(path) for path in system_prompt_files or []}
     suite = load_tasks(recipe, test_task_names=task_names)
     check_models(recipe)
 
     # 2. The run folder: new, or the interrupted one being resumed.
     run_dir = _open_run(recipe, output_dir, resume)
     try:
-        return _execute(recipe, suite, run_dir, phases, system_prompt_file, file_prompt)
+        return _execute(recipe, suite, run_dir, phases, file_prompts)
     except KeyboardInterrupt:
         run_dir.log({"event": "interrupted"})
         raise RunInterrupted(run_dir.path) from None
 
 
-def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_prompt_file: str | None,
-             file_prompt: str | None) -> Path:
+def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_prompts: dict[str, str]) -> Path:
     from .protocols import (
         BASELINE_SYSTEM_PROMPTS,
         load_user_prompts,
@@ -57,8 +57,10 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_pro
         unseen_generalization,
         write_user_prompts,
     )
+    from .protocols import item_rows
     from .report import write_report
     from .search.registry import system_prompt_methods
+    from .stats import paired_difference
 
     on_event = _event_sink(run_dir)
     on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path)})
@@ -82,12 +84,11 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_pro
     system_prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
                       if label in BASELINE_SYSTEM_PROMPTS}
     system_prompts.update({method: search.system_prompt for method, search in searches.items()})
-    if file_prompt is not None:
-        system_prompts[Path(system_prompt_file).stem] = file_prompt
-    main_label = Path(system_prompt_file).stem if file_prompt is not None else recipe.search.method
+    system_prompts.update(file_prompts)
+    main_label = next(iter(file_prompts), recipe.search.method)
 
     # 6. Protocols on the unseen tasks.
-    scores, adaptation = {}, {}
+    scores, adaptation, comparisons = {}, {}, {}
     if "evaluate" in phases:
         if run_dir.user_prompts_file.exists():
             user_prompts = load_user_prompts(run_dir.user_prompts_file)
@@ -97,6 +98,11 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_pro
                                               on_event=on_event)
             save_user_prompts(run_dir.user_prompts_file, user_prompts)
         scores = unseen_generalization(suite.meta_test, system_prompts, user_prompts, base, on_event=on_event)
+        items = item_rows(suite.meta_test, scores, recipe.seed)
+        run_dir.write_items(items)
+        # The run's prompt against every other one, paired on the same items (stats.py).
+        comparisons = {label: paired_difference(items, main_label, label, seed=recipe.seed)
+                       for label in system_prompts if label != main_label and main_label in system_prompts}
     if "adapt" in phases:
         adapt_prompts = {label: system_prompts[label] for label in (*recipe.evaluation.adapt_compare, main_label)
                          if label in system_prompts}
@@ -110,11 +116,15 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], system_pro
         "seed": recipe.seed,
         "method": recipe.search.method,
         "optimized_system_prompt": system_prompts.get(main_label, ""),
+        "main_label": main_label,
         "system_prompts": system_prompts,
         "scores": scores,
         "overall": overall_scores(scores) if scores else {},
+        "comparisons": comparisons,
         "adaptation": adaptation,
         "meta_train": {method: search.history for method, search in searches.items()},
+        "guard": {method: {**search.guard, "rejected_system_prompt": search.rejected_system_prompt}
+                  for method, search in searches.items() if search.guard},
         "costs": costs(base, optimizer, engines, time.perf_counter() - started),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
@@ -132,8 +142,11 @@ def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
 
     sizes = dict(seed=recipe.seed, train_size=recipe.search.train_size, test_size=recipe.search.test_size,
                  data_dir=recipe.tasks.data_dir)
-    suite = load_suite(recipe.tasks.suite, domains=recipe.tasks.domains, **sizes)
-    train = [load_task(name, **sizes) for name in recipe.tasks.meta_train] if recipe.tasks.meta_train else suite.meta_train
+    # Meta-train tasks also hold the validation guard's questions, after the search's own.
+    train_size = recipe.search.train_size + recipe.search.validation_size
+    suite = load_suite(recipe.tasks.suite, domains=recipe.tasks.domains, meta_train_size=train_size, **sizes)
+    train = ([load_task(name, **{**sizes, "train_size": train_size}) for name in recipe.tasks.meta_train]
+             if recipe.tasks.meta_train else suite.meta_train)
     names = test_task_names or recipe.tasks.meta_test
     test = [load_task(name, **sizes) for name in names] if names else suite.meta_test
     return Suite(name=suite.name, meta_train=train, meta_test=test)
@@ -207,6 +220,10 @@ def _event_sink(run_dir):
 
 def _describe(event: dict) -> str:
     name = event["event"]
+    if name == "search_step" and event["step"] == "guard":
+        outcome = "kept" if event["kept"] else "turned down: the run returns the initial system prompt"
+        return (f"{event['method']} validation guard: searched minus initial system prompt {event['difference']:+.3f} "
+                f"[{event['low']:+.3f}, {event['high']:+.3f}] on {event['items']} held-out items; {outcome}")
     if name == "search_step":
         score = f" score {event['score']:.3f}" if isinstance(event.get("score"), (int, float)) else ""
         adopted = " (adopted)" if event.get("adopted") else ""

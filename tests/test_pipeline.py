@@ -9,6 +9,7 @@ import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
 
 from metaspo_hf import pipeline
+from metaspo_hf.runs import RunDir
 
 LABELS = ["none", "default", "cot", "service", "outer_only", "sprig", "metaspo"]
 
@@ -79,16 +80,29 @@ def test_rerun_of_a_finished_run_generates_nothing_new(tmp_path, offline_bigbenc
         assert after["costs"][key] == before["costs"][key]
 
 
-def test_evaluate_a_system_prompt_file_labels_it_by_its_stem(tmp_path, offline_bigbench, tiny_model_dir):
-    prompt = tmp_path / "concise.txt"
-    prompt.write_text("Answer in one word.")
+def test_evaluate_system_prompt_files_label_them_by_stem_and_pair_every_item(tmp_path, offline_bigbench,
+                                                                              tiny_model_dir):
+    files = {"concise": "Answer in one word.", "careful": "Read the question twice."}
+    for stem, text in files.items():
+        (tmp_path / f"{stem}.txt").write_text(text)
     run_dir = pipeline.run(str(tiny_recipe(tmp_path, tiny_model_dir)), ["evaluation.compare=[default]"],
-                           phases=("evaluate",), output_dir=str(tmp_path / "run"), system_prompt_file=str(prompt),
+                           phases=("evaluate",), output_dir=str(tmp_path / "run"),
+                           system_prompt_files=[str(tmp_path / f"{stem}.txt") for stem in files],
                            task_names=["bigbench:navigate"])
     result = json.loads((run_dir / "result.json").read_text())
     assert list(result["scores"]) == ["bigbench:navigate"]
-    assert sorted(result["scores"]["bigbench:navigate"]) == ["concise", "default"]
-    assert result["optimized_system_prompt"] == "Answer in one word."
+    assert sorted(result["scores"]["bigbench:navigate"]) == ["careful", "concise", "default"]
+    assert result["optimized_system_prompt"] == "Answer in one word." and result["main_label"] == "concise"
+    # items.csv holds one row per label x user prompt x question, and the comparison pairs them.
+    items = RunDir(run_dir).read_items()
+    scores = result["scores"]["bigbench:navigate"]
+    per_label = len(items) // 3
+    assert per_label == sum(len(q) for q in scores["concise"]["items"]) > 0
+    assert sorted(result["comparisons"]) == ["careful", "default"]
+    overall = result["comparisons"]["default"]["overall"]
+    assert overall["items"] == per_label
+    assert overall["mean"] == pytest.approx(scores["concise"]["mean"] - scores["default"]["mean"])
+    assert overall["low"] <= overall["mean"] <= overall["high"]
 
 
 @pytest.mark.smollm

@@ -48,6 +48,13 @@ class SearchBudget:
     # Racing rounds per scoring step, each one base batch: more rounds stop losers sooner but make
     # smaller batches; 3 keeps each round a third of the step's batch.
     racing_rounds: int = 3
+    # The validation guard (not in the paper's method, so off here; the product's recipes turn it on):
+    # keep the searched system prompt only if it beats the initial one on held-out training questions.
+    guard: bool = False
+    # Training questions per task held out of the search for the guard (taken after train_size).
+    validation_size: int = 0
+    # How much the searched prompt's mean paired gain on those questions must exceed; 0 = any gain.
+    guard_margin: float = 0.0
 
     def __post_init__(self):
         from .registry import get_method  # late: the registry imports the methods, which import this file
@@ -70,8 +77,16 @@ class SearchBudget:
         ):
             require_int("search", name, getattr(self, name), minimum=1)
         require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
-        if not isinstance(self.racing, bool):
-            raise MetaspoError(f"search.racing must be true or false, got {self.racing!r}")
+        require_int("search", "validation_size", self.validation_size, minimum=0)
+        for name in ("racing", "guard"):
+            if not isinstance(getattr(self, name), bool):
+                raise MetaspoError(f"search.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.guard and self.validation_size < 1:
+            raise MetaspoError("search.guard is on but search.validation_size is 0",
+                               hint="hold out some training questions for it, e.g. search.validation_size: 20")
+        if isinstance(self.guard_margin, bool) or not isinstance(self.guard_margin, (int, float)) \
+                or not 0 <= self.guard_margin < 1:
+            raise MetaspoError(f"search.guard_margin must be a number in [0, 1), got {self.guard_margin!r}")
         if not isinstance(self.initial_system_prompt, str):
             raise MetaspoError(
                 f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}"

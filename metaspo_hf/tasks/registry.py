@@ -205,8 +205,10 @@ def load_task(name: str, *, seed: int = 0, train_size: int = DEFAULT_TRAIN_SIZE,
 
 def load_suite(name_or_path: str, *, seed: int = 0, train_size: int = DEFAULT_TRAIN_SIZE,
                test_size: int = DEFAULT_TEST_SIZE,
-               data_dir: str | None = None, domains: list[str] | None = None) -> Suite:
-    """A suite's meta-train and meta-test tasks, optionally only those of ``domains``."""
+               data_dir: str | None = None, domains: list[str] | None = None,
+               meta_train_size: int | None = None) -> Suite:
+    """A suite's meta-train and meta-test tasks, optionally only those of ``domains``; the meta-train
+    tasks take ``meta_train_size`` training examples when given (the search's plus held-out ones)."""
     definition = suite_definition(name_or_path)
     data_dir = data_dir or definition.task_list_data_dir
     if definition.task_list_dir is not None and data_dir is None:
@@ -221,12 +223,12 @@ def load_suite(name_or_path: str, *, seed: int = 0, train_size: int = DEFAULT_TR
                                    hint=did_you_mean(domain, known))
         refs = {key: [ref for ref in group if ref.domain in domains] for key, group in refs.items()}
 
-    def build(ref: TaskRef) -> Task:
-        return build_task(ref.name, ref.domain, task_data(ref, data_dir), seed=seed, train_size=train_size,
+    def build(ref: TaskRef, size: int) -> Task:
+        return build_task(ref.name, ref.domain, task_data(ref, data_dir), seed=seed, train_size=size,
                           test_size=test_size)
 
-    return Suite(name=definition.name, meta_train=[build(ref) for ref in refs["train"]],
-                 meta_test=[build(ref) for ref in refs["test"]], description=definition.description)
+    return Suite(name=definition.name, meta_train=[build(ref, meta_train_size or train_size) for ref in refs["train"]],
+                 meta_test=[build(ref, train_size) for ref in refs["test"]], description=definition.description)
 
 
 def resolve_task(name: str, data_dir: str | None = None) -> TaskRef:

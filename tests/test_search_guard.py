@@ -1,0 +1,93 @@
+"""The validation guard: a searched system prompt must beat the initial one on held-out training questions."""
+
+from __future__ import annotations
+
+import pytest
+from test_search_helpers import base_lm, make_task, optimizer_lm, question_index
+
+from metaspo_hf.errors import MetaspoError
+from metaspo_hf.search import SearchBudget, run_search
+
+INITIAL = "You are a helpful assistant."
+
+
+def guarded_run(candidate: str, held_out_right: bool, guard: bool = True, margin: float = 0.0):
+    """Every system candidate is ``candidate``: it answers the 4 search questions of each task right
+    (the initial prompt only the even ones), and the 4 held-out ones right iff ``held_out_right``."""
+
+    def correct(system, user):
+        i = question_index(user)
+        if system == INITIAL:
+            return i % 2 == 0
+        return i < 4 or held_out_right
+
+    budget = SearchBudget(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
+                          racing=False, guard=guard, validation_size=4 if guard else 0, guard_margin=margin)
+    events = []
+    tasks = [make_task(f"t{i}", n_train=8) for i in range(2)]
+    result = run_search("metaspo", tasks, base_lm(correct), optimizer_lm(lambda h: candidate), budget, seed=1,
+                        on_event=events.append)
+    return result, events
+
+
+def test_a_prompt_that_also_wins_on_held_out_questions_is_kept():
+    result, events = guarded_run("Check every step.", held_out_right=True)
+    assert result.system_prompt == "Check every step." and result.rejected_system_prompt is None
+    overall = result.guard["difference"]["overall"]
+    # Held out: questions 4..7; the initial prompt gets 4 and 6 right, the candidate all four.
+    assert result.guard["kept"] and overall["mean"] == pytest.approx(0.5)
+    # Tasks x user prompts x questions; user candidates only tie here, so each task kept its initial one.
+    assert overall["items"] == 2 * 1 * 4 and result.user_prompts["t0"] == [make_task("t0").initial_prompt]
+    assert events[-1]["step"] == "guard" and events[-1]["kept"] is True
+
+
+def test_a_prompt_adopted_on_the_search_questions_but_worse_held_out_is_turned_down():
+    result, events = guarded_run("Answer from memory.", held_out_right=False)
+    assert result.history[-1]["adopted"]  # the search itself adopted it
+    assert result.system_prompt == INITIAL and result.rejected_system_prompt == "Answer from memory."
+    assert not result.guard["kept"] and result.guard["difference"]["overall"]["mean"] == pytest.approx(-0.5)
+    assert events[-1]["kept"] is False
+
+
+def test_the_margin_must_be_passed():
+    result, _ = guarded_run("Check every step.", held_out_right=True, margin=0.6)
+    assert result.system_prompt == INITIAL and not result.guard["kept"]
+
+
+def test_without_the_guard_the_search_result_stands_and_nothing_is_held_out():
+    result, events = guarded_run("Answer from memory.", held_out_right=False, guard=False)
+    assert result.system_prompt == "Answer from memory." and result.guard is None
+    assert all(e["step"] != "guard" for e in events)
+
+
+def test_the_guard_never_scores_the_held_out_questions_during_the_search():
+    seen = []
+
+    def correct(system, user):
+        seen.append((system, question_index(user)))
+        return True
+
+    budget = SearchBudget(iterations=1, system_candidates=1, user_candidates=1, top_k=1, train_size=4,
+                          racing=False, guard=True, validation_size=4)
+    run_search("metaspo", [make_task("t", n_train=8)], base_lm(correct), optimizer_lm(), budget, seed=1)
+    # Every candidate ties the initial prompt at 1.0, so nothing is adopted and the guard has nothing to do.
+    assert max(i for _, i in seen) == 3
+
+
+def test_too_few_training_questions_for_the_guard_is_an_error_before_any_work():
+    budget = SearchBudget(train_size=4, guard=True, validation_size=8)
+    lm = base_lm(lambda s, u: True)
+    with pytest.raises(MetaspoError, match="task 't' has 4 training questions left .*validation_size asks for 8"):
+        run_search("metaspo", [make_task("t", n_train=8)], lm, optimizer_lm(), budget, seed=1)
+    assert lm.engine.calls == []
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"guard": True}, "search.guard is on but search.validation_size is 0"),
+    ({"guard": "yes"}, "search.guard must be true or false"),
+    ({"guard_margin": 1.5}, "search.guard_margin must be a number in"),
+    ({"validation_size": -1}, "search.validation_size must be >= 0"),
+])
+def test_bad_guard_settings_are_refused(fields, message):
+    with pytest.raises(MetaspoError, match=message):
+        SearchBudget(**fields)
