@@ -24,6 +24,7 @@ from .search.context import EventSink, SearchContext
 from .search.methods.unilevel import user_prompt_search
 from .search.proposals import rewrite_user_prompts
 from .search.scorer import Scorer, Trial
+from .search.parsing import shared_runs
 from .search.writer import PromptWriter
 from .stats import spread
 from .tasks.task import QUESTION_SLOT, Example, Task
@@ -76,8 +77,10 @@ def write_user_prompts(
     """
     search = search or SearchBudget()
     writer = PromptWriter(optimizer, seed, "user_prompts", search.max_parse_retries, search.max_prompt_chars)
-    chats = [prompts.ape_user(_demos(task, demos, seed, j)) for task in tasks for j in range(n)]
-    texts = writer.prompts(chats, "user", "unseen")
+    jobs = [(task, _demos(task, demos, seed, j)) for task in tasks for j in range(n)]
+    texts = writer.prompts([prompts.ape_user(shown) for _, shown in jobs], "user", "unseen",
+                           shown=[[ex.question for ex in shown] for _, shown in jobs],
+                           ignore=[shared_runs([ex.question for ex in task.train]) for task, _ in jobs])
     written = {}
     for i, task in enumerate(tasks):
         kept = list(dict.fromkeys(t for t in texts[i * n : (i + 1) * n] if t is not None))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaspo_hf.search.parsing import parse_analysis, parse_prompt
+from metaspo_hf.search.parsing import parse_analysis, parse_prompt, shared_runs
 
 SLOT = "{question}"
 LIMIT = 400
@@ -179,10 +179,52 @@ def test_a_system_prompt_that_quotes_a_shown_question_is_rejected():
     reply = "<prompt>Be careful. Alice, Bob and Claire are dancers at a square dance, so track them.</prompt>"
     parsed = parse_prompt(reply, "system", LIMIT, shown=[QUESTION])
     assert parsed.prompt is None and "quoted 8 or more words" in parsed.reason
-    # The same words are fine in a user prompt (a task's own template may restate its setting) and
-    # in a system prompt whose request showed no such question.
-    assert parse_prompt(reply.replace(".</", " {question}</"), "user", LIMIT, shown=[QUESTION]).prompt
+    # The same words are fine in a system prompt whose request showed no such question.
     assert parse_prompt(reply, "system", LIMIT, shown=["Count the fruit."]).prompt
+
+
+def test_a_user_prompt_may_restate_what_the_task_questions_share_but_not_quote_one_question():
+    other = "Alice, Bob and Claire are dancers at a square dance. At the start Bob is with Ann."
+    shared = shared_runs([QUESTION, other])
+    restates = "<prompt>Alice, Bob and Claire are dancers at a square dance: track who dances with whom. {question}</prompt>"
+    assert parse_prompt(restates, "user", LIMIT, shown=[QUESTION], ignore=shared).prompt
+    pasted = "<prompt>Example: " + QUESTION + " Now: {question}</prompt>"
+    parsed = parse_prompt(pasted, "user", LIMIT, shown=[QUESTION], ignore=shared)
+    assert parsed.prompt is None and "quoted 8 or more words" in parsed.reason
+    assert shared_runs([QUESTION]) == frozenset()
+
+
+@pytest.mark.parametrize("reply", [
+    "<analysis>ok</analysis><prompt>Read carefully. Please provide a detailed, clear, and comprehensive set of instructions in the",
+    "Read carefully and then give a detailed, clear and complete",
+])
+def test_a_prompt_cut_off_by_the_length_limit_is_incomplete(reply):
+    parsed = parse_prompt(reply, "system", LIMIT)
+    assert parsed.prompt is None and "cut off" in parsed.reason
+
+
+@pytest.mark.parametrize("reply", [
+    "<prompt>Read carefully and answer with one option, then stop</prompt>",  # closed: the writer ended it
+    "<prompt>Read carefully and answer with one option.",  # unclosed but a finished sentence
+    "<prompt>Solve it step by step: {question}",
+])
+def test_a_finished_prompt_is_not_cut_off(reply):
+    assert parse_prompt(reply, "user" if "{question}" in reply else "system", LIMIT).prompt
+
+
+@pytest.mark.parametrize("reply", [
+    "<prompt>I am a helpful assistant. Please provide a task, and I will answer it.</prompt>",
+    "<prompt>You help with tasks; please provide clear instructions and specific examples of the tasks.</prompt>",
+    "<prompt>Hello! How can I help you today?</prompt>",
+])
+def test_a_system_prompt_that_speaks_to_the_user_is_refused(reply):
+    parsed = parse_prompt(reply, "system", LIMIT)
+    assert parsed.prompt is None and "spoke to the user" in parsed.reason
+
+
+def test_instructions_to_the_assistant_that_say_please_are_fine():
+    assert parse_prompt("<prompt>Please provide a clear and concise answer after checking your work.</prompt>",
+                        "system", LIMIT).prompt
 
 
 def test_seven_shared_words_are_not_a_quote():

@@ -15,9 +15,14 @@ policy (see docs/method.md):
   appended after the prompt, extra slots become "the question" (repair, not rejection: the
   prompt's wording is still a useful candidate, and the score decides whether it is kept);
 - a system prompt must not contain the slot: it becomes "the question";
-- a system prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words):
-  it must be general, and a 0.5B optimizer copies a failed question into it verbatim;
-- a reply that answers us ("Understood. Please provide the task...") is not a prompt.
+- a prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words): a
+  system prompt must be general, and small optimizers paste a failed question into system and user
+  prompts verbatim; for a user prompt, wording that the task's questions share (its instructions)
+  may be quoted (``ignore``);
+- a reply that answers us ("Understood. Please provide the task...") is not a prompt, and neither is
+  a system prompt that speaks to the user ("I am a helpful assistant. Please provide a task...");
+- a reply that stops mid-sentence without closing its prompt tag was cut off by the token limit, and
+  its prompt is incomplete (a closed tag, or a final full stop, says the writer finished).
 
 Nothing here raises on any input string.
 """
@@ -73,7 +78,17 @@ _REFUSAL = re.compile(
 )
 # A reply addressed to us instead of a prompt (small optimizers answer the meta-prompt like a chat).
 _ACKNOWLEDGEMENT = re.compile(r"\A\s*(?:understood|got it|noted|i understand|thank you|thanks)\b", re.IGNORECASE)
-# A system prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
+# A system prompt that addresses the user instead of instructing the assistant: it introduces itself
+# or asks for the task ("I am a helpful assistant. Please provide a task, and I will answer it").
+_SPEAKS_TO_USER = re.compile(
+    r"\A\s*(?:I am|I'm) (?:a|an|your)\b|how (?:can|may) I (?:help|assist)"
+    r"|please (?:provide|give|share|send|specify|tell)(?: me| us)?(?: \w+){0,3}? "
+    r"(?:task|tasks|question|questions|instructions|examples|request|requests|details|input|context)\b",
+    re.IGNORECASE,
+)
+# How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
+_FINISHED = re.compile(r"""(?:[.!?:;)\]}"'\u2019\u201d\u2026*`>]|\{question\})\s*\Z""")
+# A prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
 COPIED_WORDS = 8
 _QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"))
 
@@ -84,22 +99,43 @@ class Parsed:
     reason: str | None = None  # why nothing was usable
 
 
-def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()) -> Parsed:
+def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = (),
+                 ignore: frozenset[tuple[str, ...]] = frozenset()) -> Parsed:
     """The prompt in an optimizer reply; ``kind`` is "user" (needs the slot) or "system"; ``shown``: the
-    questions the request showed (a system prompt must not quote them)."""
+    questions the request showed (the prompt must not quote them); ``ignore``: word runs that may be
+    quoted all the same (``shared_runs`` of the task's questions)."""
     blocks = tagged_blocks(text, PROMPT_TAG) or [_without_tagged_blocks(text)]
+    cut_off = _cut_off(text)
     reasons = []
-    for block in reversed(blocks):  # the last block is usually the final answer, earlier ones drafts
+    for position, block in enumerate(reversed(blocks)):  # the last block is usually the final answer
         cleaned = clean(block)
         if not cleaned:
             reasons.append("it was empty")
             continue
         prompt = fix_slot(cleaned) if kind == "user" else _SLOT_VARIANT.sub("the question", cleaned)
-        reason = reject_reason(prompt, max_chars) or (_quoted_reason(prompt, shown) if kind == "system" else None)
+        unfinished = position == 0 and cut_off and not _FINISHED.search(cleaned)
+        reason = (reject_reason(prompt, max_chars)
+                  or ("it was cut off mid-sentence (it reached the length limit); write a shorter prompt"
+                      if unfinished else None)
+                  or _quoted_reason(prompt, shown, ignore)
+                  or (_user_address_reason(prompt) if kind == "system" else None))
         if reason is None:
             return Parsed(prompt)
         reasons.append(reason)
     return Parsed(None, reasons[0] if reasons else "it was empty")
+
+
+def _cut_off(text: str) -> bool:
+    """Whether the reply may have been stopped by the token limit: it never closes its last prompt tag."""
+    tokens = [m for m in _TAG_TOKEN.finditer(text) if tag_family(m.group(2)) == PROMPT_TAG]
+    return not tokens or not tokens[-1].group(1)
+
+
+def _user_address_reason(prompt: str) -> str | None:
+    if _SPEAKS_TO_USER.search(prompt):
+        return ("it spoke to the user instead of instructing the assistant (write instructions addressed to "
+                "the assistant, in the second person)")
+    return None
 
 
 def parse_analysis(text: str, max_chars: int) -> str:
@@ -213,11 +249,21 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
     return None
 
 
-def _quoted_reason(prompt: str, shown: Sequence[str]) -> str | None:
-    """Why a system prompt is task-specific: it quotes one of the ``shown`` questions."""
-    if any(_word_runs(prompt) & _word_runs(text) for text in shown):
-        return f"it quoted {COPIED_WORDS} or more words of an example question (a system prompt must be general)"
+def _quoted_reason(prompt: str, shown: Sequence[str], ignore: frozenset[tuple[str, ...]]) -> str | None:
+    """Why a prompt is tied to particular questions: it quotes one of the ``shown`` ones."""
+    runs = _word_runs(prompt) - ignore
+    if any(runs & _word_runs(text) for text in shown):
+        return f"it quoted {COPIED_WORDS} or more words of an example question (a prompt must fit every question)"
     return None
+
+
+def shared_runs(questions: Sequence[str]) -> frozenset[tuple[str, ...]]:
+    """Word runs found in at least two of ``questions``: a task's own instructions, not one question."""
+    seen: dict[tuple[str, ...], int] = {}
+    for text in questions:
+        for run in _word_runs(text):
+            seen[run] = seen.get(run, 0) + 1
+    return frozenset(run for run, count in seen.items() if count >= 2)
 
 
 def _word_runs(text: str) -> set[tuple[str, ...]]:

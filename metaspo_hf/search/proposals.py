@@ -13,6 +13,7 @@ from ..tasks.task import Example
 from . import prompts
 from .candidates import BilevelState, Node
 from .context import SearchContext
+from .parsing import shared_runs
 from .scorer import WrongExample
 
 # (ctx, parents, candidates per parent, iteration) -> per parent, its candidates (None = unusable).
@@ -36,8 +37,15 @@ def rewrite_user_prompts(
         prompts.user_rewrite(p.system_prompt, p.user_prompt, wrong, analysis)
         for (p, wrong), analysis in zip(jobs, analyses, strict=True)
     ]
-    rewrites = ctx.writer.prompts(rewrite_chats, "user", iteration, "user")
+    rewrites = ctx.writer.prompts(rewrite_chats, "user", iteration, "user",
+                                  shown=[[w.question for w in wrong] for _, wrong in jobs],
+                                  ignore=[task_wording(ctx, p.task) for p, _ in jobs])
     return _per_parent(rewrites, count)
+
+
+def task_wording(ctx: SearchContext, task: str) -> frozenset:
+    """What a task's training questions share (its instructions): a user prompt may restate it."""
+    return shared_runs([ex.question for ex in ctx.train_examples(task)])
 
 
 def rewrite_system_prompts(
@@ -70,12 +78,12 @@ def ape_user_prompts(
     ctx: SearchContext, parents: list[Node], count: int, iteration: int
 ) -> list[list[str | None]]:
     """User prompts written from input/output demos of each parent's task (the parent text is not shown)."""
-    chats = [
-        prompts.ape_user(_demos(ctx, p.task, ctx.budget.ape_demos, iteration, "user", p.id, j))
-        for p in parents
-        for j in range(count)
-    ]
-    return _per_parent(ctx.writer.prompts(chats, "user", iteration, "user_ape"), count)
+    jobs = [(p, _demos(ctx, p.task, ctx.budget.ape_demos, iteration, "user", p.id, j))
+            for p in parents for j in range(count)]
+    written = ctx.writer.prompts([prompts.ape_user(demos) for _, demos in jobs], "user", iteration, "user_ape",
+                                 shown=[[ex.question for ex in demos] for _, demos in jobs],
+                                 ignore=[task_wording(ctx, p.task) for p, _ in jobs])
+    return _per_parent(written, count)
 
 
 def ape_system_prompts(

@@ -42,17 +42,19 @@ class PromptWriter:
             parse_analysis(text, self.max_prompt_chars) for text in self.generate(chats, *step, "analysis")
         ]
 
-    def prompts(self, chats: list[Chat], kind: str, *step: object,
-                shown: list[list[str]] | None = None) -> list[str | None]:
+    def prompts(self, chats: list[Chat], kind: str, *step: object, shown: list[list[str]] | None = None,
+                ignore: list[frozenset] | None = None) -> list[str | None]:
         """One prompt per chat, or None where every attempt was unusable; ``shown``: per chat, the
-        questions its request was written from (a system prompt must not quote them).
+        questions its request was written from (the prompt must not quote them), and ``ignore`` the word
+        runs it may quote all the same (parsing.shared_runs of the task's questions).
 
         Unusable rows are re-asked together, with a note on what was wrong, at most
         ``max_parse_retries`` times.
         """
         shown = shown or [[] for _ in chats]
+        ignore = ignore or [frozenset() for _ in chats]
         parsed = [
-            parse_prompt(text, kind, self.max_prompt_chars, shown[i])
+            parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i])
             for i, text in enumerate(self.generate(chats, *step, "write"))
         ]
         for attempt in range(1, self.max_parse_retries + 1):
@@ -62,7 +64,7 @@ class PromptWriter:
             self.retries += len(failed)
             retry_chats = [prompts.with_format_reminder(chats[i], parsed[i].reason, kind) for i in failed]
             for i, text in zip(failed, self.generate(retry_chats, *step, "retry", attempt), strict=True):
-                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars, shown[i])
+                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i])
         self.failures += sum(p.prompt is None for p in parsed)
         return [p.prompt for p in parsed]
 
