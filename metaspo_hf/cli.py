@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_recipe_args(p)
         _add_run_args(p)
-        p.add_argument("--system-prompt", required=True, metavar="FILE", help="text file holding the system prompt")
+        p.add_argument("--system-prompt", required=True, metavar="FILE",
+                       help="a text file holding the system prompt, or a JSON file with 'prompt' (the reference's "
+                            "prompt files) or 'optimized_system_prompt' (a result file)")
         p.add_argument("--tasks", nargs="+", help="tasks to use instead of the suite's meta-test tasks")
 
     p = sub.add_parser("reproduce", help="train, then both protocols on unseen tasks, then the report")

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MetaspoError
 from .models.base import LM, GenerationSettings, make_chat
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
+from .reference_files import read_system_prompt
 
 # Phases in the order they run; each reads what the earlier ones left in the run folder.
 PHASES = ("train", "evaluate", "adapt")
@@ -33,7 +33,7 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
     its response cache) and write result.json and the report. Returns the run folder."""
     # 1. Recipe, system prompt file and tasks are checked before anything is written.
     recipe = load_recipe(recipe_name, overrides)
-    file_prompt = _read_system_prompt(system_prompt_file) if system_prompt_file else None
+    file_prompt = read_system_prompt(system_prompt_file) if system_prompt_file else None
     suite = load_tasks(recipe, test_task_names=task_names)
     check_models(recipe)
 
@@ -242,16 +242,6 @@ def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
             totals[key] += getattr(stats, key)
     return {"base_generations": base.usage.chats, "optimizer_calls": optimizer.usage.chats, **totals,
             "seconds": round(seconds, 2)}
-
-
-def _read_system_prompt(path: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise MetaspoError(f"--system-prompt {path}: cannot read ({exc.strerror})") from None
-    if not text:
-        raise MetaspoError(f"--system-prompt {path}: the file is empty")
-    return text
 
 
 # ---- the small commands ---------------------------------------------------------------------------
