@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from .models.base import LM, GenerationSettings, make_chat
+from .protocols import save_user_prompts
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
-from .reference_files import read_system_prompt
+from .reference_files import read_fixed_user_prompts, read_system_prompt
 
 # Phases in the order they run; each reads what the earlier ones left in the run folder.
 PHASES = ("train", "evaluate", "adapt")
@@ -35,10 +36,14 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
     recipe = load_recipe(recipe_name, overrides)
     file_prompt = read_system_prompt(system_prompt_file) if system_prompt_file else None
     suite = load_tasks(recipe, test_task_names=task_names)
+    fixed_prompts = _fixed_user_prompts(recipe, suite) if "evaluate" in phases else None
     check_models(recipe)
 
     # 2. The run folder: new, or the interrupted one being resumed.
     run_dir = _open_run(recipe, output_dir, resume)
+    if fixed_prompts and not run_dir.user_prompts_file.exists():
+        # Saved as the run's user prompts, so the protocol scores them instead of writing its own.
+        save_user_prompts(run_dir.user_prompts_file, fixed_prompts)
     try:
         return _execute(recipe, suite, run_dir, phases, system_prompt_file, file_prompt)
     except KeyboardInterrupt:
@@ -137,6 +142,14 @@ def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
     names = test_task_names or recipe.tasks.meta_test
     test = [load_task(name, **sizes) for name in names] if names else suite.meta_test
     return Suite(name=suite.name, meta_train=train, meta_test=test)
+
+
+def _fixed_user_prompts(recipe: Recipe, suite) -> dict[str, list[str]] | None:
+    """The recipe's fixed user prompts for the unseen tasks (evaluation.user_prompts_dir), if it has any."""
+    if recipe.evaluation.user_prompts_dir is None:
+        return None
+    return read_fixed_user_prompts(recipe.evaluation.user_prompts_dir, suite.meta_test,
+                                   recipe.evaluation.user_prompts_per_task)
 
 
 def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe, on_event):

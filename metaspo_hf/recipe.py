@@ -28,7 +28,7 @@ from .search.scorer import SCORING_MODES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # (section, key) of the recipe values that name files or folders; relative ones are relative to the recipe.
-PATH_KEYS = (("tasks", "suite"), ("tasks", "data_dir"))
+PATH_KEYS = (("tasks", "suite"), ("tasks", "data_dir"), ("evaluation", "user_prompts_dir"))
 
 
 @dataclass
@@ -120,6 +120,8 @@ class Recipe:
         data.pop("description")
         if data["scoring"] == "generate":  # the default: run folders made before the key existed still match
             data.pop("scoring")
+        if data["evaluation"]["user_prompts_dir"] is None:  # likewise
+            data["evaluation"].pop("user_prompts_dir")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,17 +4,31 @@
   (``{"prompt": ...}``: its ``prompts/default.json``, ``cot.json``, ``service.json``), or any result
   file that holds ``optimized_system_prompt`` (the reference's, our ``result.json`` and
   ``metaspo_result.json``).
+- Fixed user prompts for unseen generalization (``evaluation.user_prompts_dir``): the reference's
+  ``prompts/unseen_generalization_user_prompts/`` folder holds ``up_for_unseen_gen_<task>.json`` per
+  unseen task, a JSON list of user prompts with a ``{question}`` slot. Its protocol scores the first
+  ``num_test_up`` (10) of them; ours the first ``evaluation.user_prompts_per_task``. A task's file is
+  looked for under its own name, then under the reference's name for it (``REFERENCE_TASK_NAMES``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import MetaspoError
+from .tasks.task import QUESTION_SLOT, Task
 
 # The keys a JSON system prompt file may hold its prompt under, in the order they are looked for.
 SYSTEM_PROMPT_KEYS = ("prompt", "optimized_system_prompt")
+USER_PROMPTS_FILE = "up_for_unseen_gen_{task}.json"
+# Our unseen tasks whose user prompt files the reference names differently.
+REFERENCE_TASK_NAMES = {
+    "epistemic_reasoning": "epistemic",
+    "reasoning_about_colored_objects": "reasoning_colored_objects",
+    "anthropic_harmless": "harmless",
+}
 
 
 def read_system_prompt(path: str) -> str:
@@ -61,3 +75,38 @@ def _kind(content) -> str:
     """How an error names a JSON value that is not an object with keys."""
     kinds = {dict: "an empty object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
     return kinds.get(type(content), "a number")
+
+
+def read_fixed_user_prompts(folder: str, tasks: Sequence[Task], count: int) -> dict[str, list[str]]:
+    """Task name -> the first ``count`` user prompts of its file in ``folder`` (module doc)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MetaspoError(f"evaluation.user_prompts_dir {folder}: no such folder",
+                           hint="the reference code keeps them in prompts/unseen_generalization_user_prompts/")
+    return {task.name: _user_prompts(_user_prompts_file(root, task.name), count) for task in tasks}
+
+
+def _user_prompts_file(root: Path, task: str) -> Path:
+    names = list(dict.fromkeys([task, REFERENCE_TASK_NAMES.get(task, task)]))
+    paths = [root / USER_PROMPTS_FILE.format(task=name) for name in names]
+    found = next((path for path in paths if path.is_file()), None)
+    if found is None:
+        raise MetaspoError(f"evaluation.user_prompts_dir {root}: no user prompts for unseen task {task!r} "
+                           f"(looked for {' and '.join(path.name for path in paths)})")
+    return found
+
+
+def _user_prompts(path: Path, count: int) -> list[str]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MetaspoError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise MetaspoError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, list) or not content or not all(isinstance(p, str) for p in content):
+        raise MetaspoError(f"{path}: expected a non-empty JSON list of user prompts")
+    prompts = content[:count]
+    for index, prompt in enumerate(prompts):
+        if QUESTION_SLOT not in prompt:
+            raise MetaspoError(f"{path}: user prompt [{index}] has no {QUESTION_SLOT} slot: {prompt[:60]!r}")
+    return prompts

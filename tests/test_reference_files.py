@@ -1,16 +1,18 @@
 """Files shared with the reference MetaSPO code: system prompt files in its formats and ours."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
-from fixtures.fake_model import system_prompts_seen, use_fake_model
+from fixtures.fake_model import base_chats, system_prompts_seen, use_fake_model
 
 from metaspo_hf import pipeline
 from metaspo_hf.cli import main
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.reference_files import read_system_prompt
+from metaspo_hf.recipe import load_recipe
+from metaspo_hf.reference_files import read_fixed_user_prompts, read_system_prompt
 
 REFERENCE_CODE = Path(__file__).parent / "fixtures" / "reference_code"
 
@@ -21,11 +23,12 @@ def offline_bigbench(tmp_path, monkeypatch):
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
 
 
-def fake_recipe(tmp_path, extra: str = "") -> str:
+def fake_recipe(tmp_path, evaluation: str = "") -> str:
+    """A tiny recipe for the fake model; ``evaluation`` adds indented lines to its evaluation section."""
     path = tmp_path / "fake.yaml"
     path.write_text("model: {name_or_path: smollm2-135m-instruct}\n"
                     "search: {iterations: 1, system_candidates: 1, user_candidates: 1, top_k: 1, train_size: 2, test_size: 2}\n"
-                    "evaluation: {user_prompts_per_task: 2, compare: [none]}\n" + extra)
+                    "evaluation:\n  user_prompts_per_task: 2\n  compare: [none]\n" + evaluation)
     return str(path)
 
 
@@ -89,3 +92,42 @@ def test_evaluate_with_a_json_file_without_a_known_key_exits_2_with_one_line(tmp
     assert f"--system-prompt {prompt}: a JSON system prompt file needs the key 'prompt' or " \
            "'optimized_system_prompt', found keys 'temperature'" in err
     assert not engine.calls and not (tmp_path / "run").exists()
+
+
+FIXED = REFERENCE_CODE / "prompts" / "unseen_generalization_user_prompts"
+
+
+def test_the_protocol_scores_exactly_the_fixed_user_prompts(tmp_path, offline_bigbench, monkeypatch):
+    engine = use_fake_model(monkeypatch)
+    # The recipe names the folder relative to itself; the run starts from another working directory.
+    (tmp_path / "recipes").mkdir()
+    recipe = fake_recipe(tmp_path / "recipes", f"  user_prompts_dir: {os.path.relpath(FIXED, tmp_path / 'recipes')}\n")
+    monkeypatch.chdir(tmp_path)
+    tasks = ["object_counting", "epistemic_reasoning"]  # the second is "epistemic" in the reference's files
+    run_dir = pipeline.run(recipe, ["evaluation.compare=[none, default]"], phases=("evaluate",),
+                           output_dir=str(tmp_path / "run"), task_names=tasks)
+    expected = {task: json.loads((FIXED / f"up_for_unseen_gen_{name}.json").read_text())[:2]
+                for task, name in zip(tasks, ["object_counting", "epistemic"], strict=True)}
+    assert json.loads((run_dir / "user_prompts.json").read_text()) == expected
+    # Every base chat is one of those prompts on one test question, each under every compared system prompt.
+    suite = pipeline.load_tasks(load_recipe(recipe), test_task_names=tasks)
+    rendered = {task.render(prompt, example) for task in suite.meta_test for prompt in expected[task.name]
+                for example in task.test}
+    seen = [chat[-1]["content"] for chat in base_chats(engine)]
+    assert set(seen) == rendered and len(seen) == 2 * len(rendered)
+    assert len(base_chats(engine)) == sum(len(c) for c, _ in engine.calls)  # the optimizer wrote nothing
+    result = json.loads((run_dir / "result.json").read_text())
+    assert all(cell["n"] == 2 for by_label in result["scores"].values() for cell in by_label.values())
+
+
+def test_fixed_user_prompts_name_the_missing_file_or_the_bad_prompt(tmp_path, offline_bigbench):
+    suite = pipeline.load_tasks(load_recipe(fake_recipe(tmp_path)), test_task_names=["reasoning_about_colored_objects"])
+    with pytest.raises(MetaspoError, match="no user prompts for unseen task 'reasoning_about_colored_objects' "
+                       r"\(looked for up_for_unseen_gen_reasoning_about_colored_objects.json and "
+                       r"up_for_unseen_gen_reasoning_colored_objects.json\)"):
+        read_fixed_user_prompts(str(FIXED), suite.meta_test, 10)
+    (tmp_path / "up_for_unseen_gen_reasoning_colored_objects.json").write_text('["Count.", "{question}"]')
+    with pytest.raises(MetaspoError, match=r"user prompt \[0\] has no \{question\} slot: 'Count.'"):
+        read_fixed_user_prompts(str(tmp_path), suite.meta_test, 10)
+    with pytest.raises(MetaspoError, match="user_prompts_dir .*/none: no such folder"):
+        read_fixed_user_prompts(str(tmp_path / "none"), suite.meta_test, 10)
