@@ -9,6 +9,10 @@
   unseen task, a JSON list of user prompts with a ``{question}`` slot. Its protocol scores the first
   ``num_test_up`` (10) of them; ours the first ``evaluation.user_prompts_per_task``. A task's file is
   looked for under its own name, then under the reference's name for it (``REFERENCE_TASK_NAMES``).
+- The result file (``metaspo_result.json`` in a run folder): ``{"optimized_system_prompt": ...,
+  "nodes": [...]}``, where ``nodes`` holds one list per update of the search (the start, then each
+  inner and each outer step), of one list per task, of the nodes kept after that update, best first,
+  in the reference's record keys. Our own, richer node records stay in ``nodes.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from .tasks.task import QUESTION_SLOT, Task
 
 # The keys a JSON system prompt file may hold its prompt under, in the order they are looked for.
 SYSTEM_PROMPT_KEYS = ("prompt", "optimized_system_prompt")
+# The reference's value for a metric it did not compute: we never score meta-training tasks on their
+# test split, so every node's test_metric is this.
+NOT_EVALUATED = -1
 USER_PROMPTS_FILE = "up_for_unseen_gen_{task}.json"
 # Our unseen tasks whose user prompt files the reference names differently.
 REFERENCE_TASK_NAMES = {
@@ -110,3 +117,35 @@ def _user_prompts(path: Path, count: int) -> list[str]:
         if QUESTION_SLOT not in prompt:
             raise MetaspoError(f"{path}: user prompt [{index}] has no {QUESTION_SLOT} slot: {prompt[:60]!r}")
     return prompts
+
+
+def reference_result(system_prompt: str, nodes: list[dict]) -> dict:
+    """The reference code's result file from our node records (``nodes.json``; module doc). Records
+    without ``kept_in`` (run folders made before it existed) are left out."""
+    kept = [node for node in nodes if node.get("kept_in")]
+    tasks = list(dict.fromkeys(node["task"] for node in kept))
+    updates = 1 + max((update for node in kept for update in node["kept_in"]), default=-1)
+    nested = [
+        [[_reference_node(node) for node in _best_first(kept, task, update)] for task in tasks]
+        for update in range(updates)
+    ]
+    return {"optimized_system_prompt": system_prompt, "nodes": nested}
+
+
+def _best_first(nodes: list[dict], task: str, update: int) -> list[dict]:
+    chosen = [node for node in nodes if node["task"] == task and update in node["kept_in"]]
+    # The order of our beams: higher score first, then the older node.
+    return sorted(chosen, key=lambda node: (-node["train_score"], node["id"]))
+
+
+def _reference_node(node: dict) -> dict:
+    return {
+        "id": node["id"],
+        "task": node["task"],
+        "system_prompt": node["system_prompt"],
+        "instruction": node["user_prompt"],
+        "parent_id": node["parent_id"],
+        "depth": node["depth"],
+        "eval_metric": node["train_score"],
+        "test_metric": NOT_EVALUATED,
+    }

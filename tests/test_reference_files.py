@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
-from fixtures.fake_model import base_chats, system_prompts_seen, use_fake_model
+from fixtures.fake_model import base_chats, system_prompts_seen, use_fake_model, writes_prompts
 
 from metaspo_hf import pipeline
 from metaspo_hf.cli import main
@@ -131,3 +131,36 @@ def test_fixed_user_prompts_name_the_missing_file_or_the_bad_prompt(tmp_path, of
         read_fixed_user_prompts(str(tmp_path), suite.meta_test, 10)
     with pytest.raises(MetaspoError, match="user_prompts_dir .*/none: no such folder"):
         read_fixed_user_prompts(str(tmp_path / "none"), suite.meta_test, 10)
+
+
+REFERENCE_NODE_KEYS = ["id", "task", "system_prompt", "instruction", "parent_id", "depth", "eval_metric", "test_metric"]
+
+
+def test_metaspo_result_nests_the_kept_nodes_per_update_and_task_as_the_reference_does(
+        tmp_path, offline_bigbench, monkeypatch):
+    use_fake_model(monkeypatch, writes_prompts)
+    run_dir = pipeline.run(fake_recipe(tmp_path), ["search.top_k=2", "search.iterations=2"], phases=("train",),
+                           output_dir=str(tmp_path / "run"))
+    exported = json.loads((run_dir / "metaspo_result.json").read_text())
+    ours = {node["id"]: node for node in json.loads((run_dir / "nodes.json").read_text())["metaspo"]}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert list(exported) == ["optimized_system_prompt", "nodes"]
+    assert exported["optimized_system_prompt"] == result["optimized_system_prompt"]
+    tasks = ["logic_grid_puzzle", "tracking_shuffled_objects", "logical_deduction", "temporal_sequences"]
+    updates = exported["nodes"]
+    assert len(updates) == 1 + 2 * 2  # the start, then an inner and an outer step per iteration
+    for update, per_task in enumerate(updates):
+        assert [[node["task"] for node in nodes][:1] for nodes in per_task] == [[task] for task in tasks]
+        for nodes in per_task:
+            assert 1 <= len(nodes) <= (1 if update == 0 else 2)
+            assert [n["eval_metric"] for n in nodes] == sorted((n["eval_metric"] for n in nodes), reverse=True)
+            for node in nodes:
+                assert list(node) == REFERENCE_NODE_KEYS and node["test_metric"] == -1
+                mine = ours[node["id"]]
+                assert (node["instruction"], node["eval_metric"], node["system_prompt"]) == (
+                    mine["user_prompt"], mine["train_score"], mine["system_prompt"])
+                assert update in mine["kept_in"]
+    # Each inner step adds the rewrites kept in the beams; the last update holds the prompts kept at the end.
+    assert any(node["depth"] > 0 for nodes in updates[1] for node in nodes)
+    assert {node["system_prompt"] for nodes in updates[-1] for node in nodes} == {result["optimized_system_prompt"]}
+    assert {node["system_prompt"] for nodes in updates[0] for node in nodes} == {"You are a helpful assistant."}
