@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ls", help="list recipes, packaged models and task suites")
 
-    p = sub.add_parser("validate", help="check a recipe (keys, types, values, models, task names) without running it")
+    p = sub.add_parser("validate", help="check a recipe (keys, types, values, model source, every task's data) "
+                                         "without loading the model")
     _add_recipe_args(p)
 
     tasks = sub.add_parser("tasks", help="list and inspect tasks and suites")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import MetaspoError
 from .models.base import LM, GenerationSettings, make_chat
 from .protocols import save_user_prompts
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
@@ -276,23 +277,39 @@ def list_everything() -> None:
 
 
 def validate(recipe_name: str, overrides: list[str]) -> None:
-    """Check a recipe without loading weights: keys, types, values, the model source and task names."""
+    """Check a recipe without loading weights: keys, types, values, the model source, and every task's
+    data, read and sampled as a run would (so a run fails on nothing validate could have seen)."""
     import torch
 
     from .models.loading import resolve_source
-    from .tasks import suite_task_names
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]
     for spec in specs:
         resolve_source(spec)
-    train, test = suite_task_names(recipe.tasks.suite)
+    suite = load_tasks(recipe)
+    for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
+        if not tasks:
+            raise MetaspoError(f"{recipe.path}: no {role} tasks in suite {recipe.tasks.suite}"
+                               + (f" (domains {', '.join(recipe.tasks.domains)})" if recipe.tasks.domains else ""),
+                               hint="`metaspo reproduce` needs meta-train and unseen tasks")
+    _fixed_user_prompts(recipe, suite)
     print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
-          f"({len(recipe.tasks.meta_train or train)} meta-train, {len(recipe.tasks.meta_test or test)} unseen tasks), "
+          f"({len(suite.meta_train)} meta-train, {len(suite.meta_test)} unseen tasks), "
           f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+    for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
+        for task in tasks:
+            print(f"  {role} {task.name}: {len(task.train)} train / {len(task.test)} test questions, "
+                  f"from {_pool_text(task.meta['pool_sizes'])}")
     # A valid recipe may still need other hardware than this machine's: say so, without failing.
     if any(spec.quantization != "none" for spec in specs) and not torch.cuda.is_available():
         print(f"note: {recipe.path} quantizes with bitsandbytes, which needs a CUDA GPU; this machine has none")
+
+
+def _pool_text(pools: dict) -> str:
+    if "all" in pools:
+        return f"{pools['all']} examples split by seed"
+    return f"{pools['train']} train and {pools['test']} test examples"
 
 
 def generate_one(recipe_name: str, overrides: list[str], question: str, system_prompt: str | None) -> str:

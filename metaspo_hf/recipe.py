@@ -75,6 +75,11 @@ class TaskSpec:
     # Keep only these domains of the suite (None = all).
     domains: list[str] | None = None
 
+    def __post_init__(self):
+        for key in ("meta_train", "meta_test"):
+            if getattr(self, key) == []:  # not silently "the suite's tasks"
+                raise MetaspoError(f"{key} is an empty list", hint="leave it out to use the suite's tasks", key=key)
+
 
 @dataclass
 class Recipe:
