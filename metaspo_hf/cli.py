@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ls", help="list recipes, packaged models and task suites")
 
-    p = sub.add_parser("validate", help="check a recipe (keys, types, values, models, task names) without running it")
+    p = sub.add_parser("validate", help="check a recipe (keys, types, values, model source, every task's data) "
+                                         "without loading the model")
     _add_recipe_args(p)
 
     tasks = sub.add_parser("tasks", help="list and inspect tasks and suites")
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_args(p)
         _add_run_args(p)
         p.add_argument("--system-prompt", required=True, action="append", metavar="FILE",
-                       help="text file holding the system prompt; repeat it to compare several (the first is the "
-                            "one compared with every other, item by item)")
+                       help="a text file holding the system prompt, or a JSON file with 'prompt' (the reference's "
+                            "prompt files) or 'optimized_system_prompt' (a result file); repeat it to compare "
+                            "several (the first is compared with every other, item by item)")
         p.add_argument("--tasks", nargs="+", help="tasks to use instead of the suite's meta-test tasks")
 
     p = sub.add_parser("reproduce", help="train, then both protocols on unseen tasks, then the report")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from .errors import MetaspoError
 from .models.base import LM, GenerationSettings, make_chat
+from .protocols import save_user_prompts
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
+from .reference_files import read_fixed_user_prompts, read_system_prompt
 
 # Phases in the order they run; each reads what the earlier ones left in the run folder.
 PHASES = ("train", "evaluate", "adapt")
@@ -34,12 +36,16 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
     # 1. Recipe, system prompt file and tasks are checked before anything is written.
     recipe = load_recipe(recipe_name, overrides)
     # Labelled by file name; the first file's prompt is the one the run is about.
-    file_prompts = {Path(path).stem: _read_system_prompt(path) for path in system_prompt_files or []}
+    file_prompts = {Path(path).stem: read_system_prompt(path) for path in system_prompt_files or []}
     suite = load_tasks(recipe, test_task_names=task_names)
+    fixed_prompts = _fixed_user_prompts(recipe, suite) if "evaluate" in phases else None
     check_models(recipe)
 
     # 2. The run folder: new, or the interrupted one being resumed.
     run_dir = _open_run(recipe, output_dir, resume)
+    if fixed_prompts and not run_dir.user_prompts_file.exists():
+        # Saved as the run's user prompts, so the protocol scores them instead of writing its own.
+        save_user_prompts(run_dir.user_prompts_file, fixed_prompts)
     try:
         return _execute(recipe, suite, run_dir, phases, file_prompts)
     except KeyboardInterrupt:
@@ -152,6 +158,14 @@ def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
     return Suite(name=suite.name, meta_train=train, meta_test=test)
 
 
+def _fixed_user_prompts(recipe: Recipe, suite) -> dict[str, list[str]] | None:
+    """The recipe's fixed user prompts for the unseen tasks (evaluation.user_prompts_dir), if it has any."""
+    if recipe.evaluation.user_prompts_dir is None:
+        return None
+    return read_fixed_user_prompts(recipe.evaluation.user_prompts_dir, suite.meta_test,
+                                   recipe.evaluation.user_prompts_per_task)
+
+
 def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe, on_event):
     """Run one search, checkpointed when done: a resumed run restores it (and its call counts)
     instead of replaying it from the response cache."""
@@ -261,16 +275,6 @@ def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
             "seconds": round(seconds, 2)}
 
 
-def _read_system_prompt(path: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise MetaspoError(f"--system-prompt {path}: cannot read ({exc.strerror})") from None
-    if not text:
-        raise MetaspoError(f"--system-prompt {path}: the file is empty")
-    return text
-
-
 # ---- the small commands ---------------------------------------------------------------------------
 
 def list_everything() -> None:
@@ -290,23 +294,39 @@ def list_everything() -> None:
 
 
 def validate(recipe_name: str, overrides: list[str]) -> None:
-    """Check a recipe without loading weights: keys, types, values, the model source and task names."""
+    """Check a recipe without loading weights: keys, types, values, the model source, and every task's
+    data, read and sampled as a run would (so a run fails on nothing validate could have seen)."""
     import torch
 
     from .models.loading import resolve_source
-    from .tasks import suite_task_names
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]
     for spec in specs:
         resolve_source(spec)
-    train, test = suite_task_names(recipe.tasks.suite)
+    suite = load_tasks(recipe)
+    for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
+        if not tasks:
+            raise MetaspoError(f"{recipe.path}: no {role} tasks in suite {recipe.tasks.suite}"
+                               + (f" (domains {', '.join(recipe.tasks.domains)})" if recipe.tasks.domains else ""),
+                               hint="`metaspo reproduce` needs meta-train and unseen tasks")
+    _fixed_user_prompts(recipe, suite)
     print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
-          f"({len(recipe.tasks.meta_train or train)} meta-train, {len(recipe.tasks.meta_test or test)} unseen tasks), "
+          f"({len(suite.meta_train)} meta-train, {len(suite.meta_test)} unseen tasks), "
           f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+    for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
+        for task in tasks:
+            print(f"  {role} {task.name}: {len(task.train)} train / {len(task.test)} test questions, "
+                  f"from {_pool_text(task.meta['pool_sizes'])}")
     # A valid recipe may still need other hardware than this machine's: say so, without failing.
     if any(spec.quantization != "none" for spec in specs) and not torch.cuda.is_available():
         print(f"note: {recipe.path} quantizes with bitsandbytes, which needs a CUDA GPU; this machine has none")
+
+
+def _pool_text(pools: dict) -> str:
+    if "all" in pools:
+        return f"{pools['all']} examples split by seed"
+    return f"{pools['train']} train and {pools['test']} test examples"
 
 
 def generate_one(recipe_name: str, overrides: list[str], question: str, system_prompt: str | None) -> str:

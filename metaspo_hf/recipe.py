@@ -3,6 +3,8 @@
 A recipe may start with ``inherit: _base.yaml`` (a path relative to the recipe); its keys are merged
 over the parent's, section by section. Unknown keys and bad values are errors that name the file,
 the dotted key and the value. ``--set section.key=value`` overrides are applied after inheritance.
+Relative paths among the values (``PATH_KEYS``) are relative to the file that holds them, like
+``inherit:``; those of ``--set`` are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +27,8 @@ from .search.budget import EvalBudget, SearchBudget
 from .search.scorer import SCORING_MODES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# (section, key) of the recipe values that name files or folders; relative ones are relative to the recipe.
+PATH_KEYS = (("tasks", "suite"), ("tasks", "data_dir"), ("evaluation", "user_prompts_dir"))
 
 
 @dataclass
@@ -69,6 +75,11 @@ class TaskSpec:
     # Keep only these domains of the suite (None = all).
     domains: list[str] | None = None
 
+    def __post_init__(self):
+        for key in ("meta_train", "meta_test"):
+            if getattr(self, key) == []:  # not silently "the suite's tasks"
+                raise MetaspoError(f"{key} is an empty list", hint="leave it out to use the suite's tasks", key=key)
+
 
 @dataclass
 class Recipe:
@@ -114,6 +125,8 @@ class Recipe:
         data.pop("description")
         if data["scoring"] == "generate":  # the default: run folders made before the key existed still match
             data.pop("scoring")
+        if data["evaluation"]["user_prompts_dir"] is None:  # likewise
+            data["evaluation"].pop("user_prompts_dir")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -172,6 +185,7 @@ def _read_with_inheritance(path: Path, chain: tuple) -> dict:
     if path.resolve() in chain:
         raise MetaspoError(f"{path}: inherit loop through {' -> '.join(str(p) for p in chain)}")
     data = _read_yaml(path)
+    _resolve_paths(data, path)
     parent_name = data.pop("inherit", None)
     if parent_name is None:
         return data
@@ -179,6 +193,31 @@ def _read_with_inheritance(path: Path, chain: tuple) -> dict:
     if not parent_path.is_file():
         raise MetaspoError(f"{path}: inherit: file not found: {parent_name}", hint="paths are relative to the recipe")
     return _merge(_read_with_inheritance(parent_path, chain + (path.resolve(),)), data)
+
+
+def _resolve_paths(data: dict, path: Path) -> None:
+    """Relative paths in a recipe file are read from the file's folder, as `inherit:` is (so a recipe
+    works from any working directory); each file of an inherit chain resolves its own paths."""
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = _beside(path, f"{section}.{key}", values[key])
+
+
+def _beside(recipe: Path, key: str, value: str) -> str:
+    target = Path(value).expanduser()
+    if target.is_absolute():
+        return str(target)
+    # A suite value is a shipped suite's name unless it looks like a file.
+    if key == "tasks.suite" and target.suffix not in (".yaml", ".yml") and len(target.parts) == 1:
+        return value
+    beside = Path(os.path.abspath(recipe.parent / target))
+    if not beside.exists() and target.exists():
+        # Recipes used to read these paths from the working directory: one that only exists there still works.
+        print(f"metaspo: note: {recipe}: {key} {value} is read from the working directory, not the recipe's "
+              f"folder; write it relative to the recipe", file=sys.stderr)
+        return value
+    return str(beside)
 
 
 def _merge(parent: dict, child: dict) -> dict:

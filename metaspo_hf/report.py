@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .errors import MetaspoError
 from .models.base import make_chat
+from .reference_files import reference_result
 from .runs import RunDir, atomic_file, read_json, write_json_atomic, write_text_atomic
 from .stats import describe, paired_difference, spread
 
@@ -438,7 +439,7 @@ def _write_exports(folder: Path, result: dict, nodes: Any) -> None:
     write_json_atomic(
         folder / "chat_template_snippet.json", {"messages": make_chat(prompt, USER_PLACEHOLDER)}
     )
-    write_json_atomic(folder / "metaspo_result.json", {"optimized_system_prompt": prompt, "nodes": nodes})
+    write_json_atomic(folder / "metaspo_result.json", reference_result(prompt, nodes))
 
 
 # ---- plots ----------------------------------------------------------------------------------------

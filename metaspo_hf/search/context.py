@@ -37,6 +37,7 @@ class SearchContext:
         self.writer = PromptWriter(optimizer, seed, method, budget.max_parse_retries, budget.max_prompt_chars)
         self.nodes = NodeLog()
         self.racing_skipped = 0  # training questions racing left unscored (generations not made)
+        self.updates = 0  # how many times the kept prompts were recorded (``keep``)
         self.history: list[dict] = []
         self._counts_at_last_record = self.counts()
 
@@ -79,6 +80,13 @@ class SearchContext:
             rule=rule,
             desc=f"{self.method} iteration {iteration} {step}: scoring",
         )
+
+    def keep(self, nodes: list[Node]) -> None:
+        """Record ``nodes`` as the prompts kept after this update (the start, an inner or an outer step):
+        the reference code's result lists them per update and task (reference_files.py)."""
+        for node in nodes:
+            node.kept_in.append(self.updates)
+        self.updates += 1
 
     def counts(self) -> dict:
         return {

@@ -35,7 +35,9 @@ class SearchResult:
 
     def reference_result(self) -> dict:
         """The paper code's result shape."""
-        return {"optimized_system_prompt": self.system_prompt, "nodes": self.nodes}
+        from ..reference_files import reference_result
+
+        return reference_result(self.system_prompt, self.nodes)
 
     def to_dict(self) -> dict:
         return asdict(self)

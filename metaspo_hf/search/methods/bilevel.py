@@ -45,11 +45,14 @@ def bilevel(
 ) -> SearchOutcome:
     """Score the initial prompts; then each iteration: inner step (if any), outer step, history entry."""
     state = initial_state(ctx, tasks)
+    ctx.keep(state.nodes())
     ctx.record(0, state.score, None, False)
     for iteration in range(1, ctx.budget.iterations + 1):
         if propose_user:
             inner_step(ctx, state, propose_user, iteration)
+            ctx.keep(state.nodes())
         best_score, adopted = outer_step(ctx, state, propose_system, system_candidates, iteration)
+        ctx.keep(state.nodes())
         ctx.record(iteration, state.score, best_score, adopted)
     return SearchOutcome(state.system_prompt, state.user_prompts(), ctx.history)
 

@@ -50,6 +50,7 @@ def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     start = _genome(ctx, split(ctx.budget.initial_system_prompt), None, 0)
     ctx.score(start.nodes, 0, "init")
     population = [start]
+    ctx.keep(start.nodes)
     ctx.record(0, start.score, None, False)
     ctx.emit(0, "init", score=start.score)
     # As many candidates per iteration as outer_only makes, so the two spend the same scoring budget.
@@ -65,6 +66,7 @@ def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
         ctx.score([n for g in candidates for n in g.nodes], iteration, "system")
         previous_best = population[0]
         population = sorted(population + candidates, key=lambda g: -g.score)[: ctx.budget.top_k]
+        ctx.keep([n for g in population for n in g.nodes])
         best_candidate = max((g.score for g in candidates), default=None)
         adopted = population[0] is not previous_best
         ctx.record(iteration, population[0].score, best_candidate, adopted)

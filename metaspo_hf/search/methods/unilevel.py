@@ -52,6 +52,7 @@ def user_prompt_search(
     """
     ctx.score(starts, 0, "init")
     beams = [Beam(width, [start]) for start in starts]
+    ctx.keep([node for beam in beams for node in beam.nodes])
     trail = [[beam.best for beam in beams]]
     ctx.record(0, _mean_best(beams), None, False)
     ctx.emit(0, "init", score=_mean_best(beams))
@@ -70,6 +71,7 @@ def user_prompt_search(
         previous_best = [beam.best for beam in beams]
         for beam in beams:
             beam.extend([c for parent in beam.nodes for c in children[parent.id]])
+        ctx.keep([node for beam in beams for node in beam.nodes])
         trail.append([beam.best for beam in beams])
         scores = [c.train_score for group in children.values() for c in group]
         adopted = any(beam.best is not old for beam, old in zip(beams, previous_best, strict=True))
