@@ -113,7 +113,8 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
         adapt_prompts = {label: system_prompts[label] for label in (*recipe.evaluation.adapt_compare, main_label)
                          if label in system_prompts}
         adaptation = test_time_adaptation(suite.meta_test, adapt_prompts, base, optimizer, recipe.evaluation,
-                                          seed=recipe.seed, on_event=on_event, search=recipe.search)
+                                          seed=recipe.seed, on_event=on_event, search=recipe.search,
+                                          test_size=recipe.evaluation.adapt_test_size)
 
     # 7. Result and report.
     result = {
@@ -314,9 +315,12 @@ def validate(recipe_name: str, overrides: list[str]) -> None:
     print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
           f"({len(suite.meta_train)} meta-train, {len(suite.meta_test)} unseen tasks), "
           f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+    held_out = recipe.search.validation_size
     for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
         for task in tasks:
-            print(f"  {role} {task.name}: {len(task.train)} train / {len(task.test)} test questions, "
+            train = (f"{len(task.train) - held_out} train + {held_out} held out for the guard"
+                     if role == "meta-train" and held_out else f"{len(task.train)} train")
+            print(f"  {role} {task.name}: {train} / {len(task.test)} test questions, "
                   f"from {_pool_text(task.meta['pool_sizes'])}")
     # A valid recipe may still need other hardware than this machine's: say so, without failing.
     if any(spec.quantization != "none" for spec in specs) and not torch.cuda.is_available():

@@ -123,11 +123,23 @@ class Recipe:
         data = self.to_dict()
         data.pop("output_dir")
         data.pop("description")
-        if data["scoring"] == "generate":  # the default: run folders made before the key existed still match
-            data.pop("scoring")
-        if data["evaluation"]["user_prompts_dir"] is None:  # likewise
-            data["evaluation"].pop("user_prompts_dir")
+        # Keys added after run folders existed count only when set, so those folders still resume.
+        for section, key, default in _LATER_KEYS:
+            holder = data[section] if section else data
+            if holder[key] == default:
+                holder.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# (section or "" for the top level, key, default) of recipe keys added after the first run folders.
+_LATER_KEYS = (
+    ("", "scoring", "generate"),
+    ("evaluation", "user_prompts_dir", None),
+    ("evaluation", "adapt_test_size", None),
+    ("search", "guard", False),
+    ("search", "validation_size", 0),
+    ("search", "guard_margin", 0.0),
+)
 
 
 def find_recipe(name_or_path: str) -> Path:

@@ -53,8 +53,10 @@ def test_every_recipe_validates(recipe, capsys, offline_bigbench):
 def test_validate_counts_each_tasks_examples(capsys, offline_bigbench):
     assert main(["validate", "recipes/smoke.yaml", "--set", "search.test_size=100"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == [
-        "  meta-train bigbench:navigate: 4 train / 56 test questions, from 60 examples split by seed",
-        "  meta-train bigbench:sports_understanding: 4 train / 56 test questions, from 60 examples split by seed",
+        "  meta-train bigbench:navigate: 4 train + 16 held out for the guard / 40 test questions, "
+        "from 60 examples split by seed",
+        "  meta-train bigbench:sports_understanding: 4 train + 16 held out for the guard / 40 test questions, "
+        "from 60 examples split by seed",
         "  unseen object_counting: 4 train / 56 test questions, from 60 examples split by seed",
     ]
 

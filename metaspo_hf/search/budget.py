@@ -109,6 +109,9 @@ class EvalBudget:
     compare: tuple[str, ...] = ("none", "default", "cot", "service", "outer_only", "sprig")
     # Test-time adaptation starts from these system prompts besides MetaSPO's (the paper uses the default).
     adapt_compare: tuple[str, ...] = ("default",)
+    # Test questions per task scored after each adaptation iteration; None = all of them (the paper).
+    # Fewer keeps the second protocol cheap where every generation costs (CPU recipes).
+    adapt_test_size: int | None = None
     # A folder of fixed user prompts in the reference code's layout (reference_files.py): unseen
     # generalization then scores the first user_prompts_per_task of each task's file, the paper's own,
     # instead of prompts written by the optimizer. Relative to the recipe.
@@ -117,6 +120,8 @@ class EvalBudget:
     def __post_init__(self):
         for name in ("user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates"):
             require_int("evaluation", name, getattr(self, name), minimum=1)
+        if self.adapt_test_size is not None:
+            require_int("evaluation", "adapt_test_size", self.adapt_test_size, minimum=1)
         self.compare = check_labels("evaluation.compare", self.compare)
         self.adapt_compare = check_labels("evaluation.adapt_compare", self.adapt_compare)
 
