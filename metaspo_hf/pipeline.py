@@ -51,6 +51,8 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
     except KeyboardInterrupt:
         run_dir.log({"event": "interrupted"})
         raise RunInterrupted(run_dir.path) from None
+    finally:
+        run_dir.unlock()
 
 
 def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_prompts: dict[str, str]) -> Path:
@@ -258,11 +260,12 @@ def _describe(event: dict) -> str:
 def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
     from .runs import RunDir
 
+    # Locked until run() ends: a second process on the same folder is refused.
     if resume:
-        return RunDir.open(resume, recipe.fingerprint())
+        return RunDir.open(resume, recipe.fingerprint(), lock=True)
     # Re-running with the same --output-dir continues the run there (same recipe only).
     return RunDir.open_or_create(output_dir, recipe.name, recipe.to_dict(), recipe.fingerprint(),
-                                 root=recipe.output_dir)
+                                 root=recipe.output_dir, lock=True)
 
 
 def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:

@@ -29,6 +29,7 @@ import yaml
 from . import __version__
 from .errors import MetaspoError
 from .models.cache import count_responses
+from .runlock import RunLock
 from .stats import ITEM_FIELDS
 
 # The issue's documented default location, relative to the folder the command runs in.
@@ -196,10 +197,15 @@ class RunStatus:
 
 
 class RunDir:
-    """One run's folder. Create it with ``RunDir.create``; reopen it (to resume) with ``RunDir.open``."""
+    """One run's folder. Create it with ``RunDir.create``; reopen it (to resume) with ``RunDir.open``.
+
+    A process that works in the folder passes ``lock=True``: it then holds the folder's lock
+    (``metaspo_hf.runlock``) until ``unlock``, and a second process is refused.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: RunLock | None = None
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -263,6 +269,7 @@ class RunDir:
         resolved_recipe: dict,
         recipe_hash: str,
         root: str | Path = RUNS_ROOT,
+        lock: bool = False,
     ) -> RunDir:
         """A new run folder at ``output_dir``, or at ``<root>/<recipe_name>/<UTC timestamp>/``.
 
@@ -270,15 +277,16 @@ class RunDir:
         """
         if output_dir is not None:
             path = Path(output_dir)
-            if (path / "run.json").exists():
-                raise MetaspoError(
-                    f"{path} already holds a run",
-                    hint="resume it, or choose another --output-dir",
-                )
             path.mkdir(parents=True, exist_ok=True)
         else:
             path = _fresh_timestamped_dir(Path(root) / _safe_name(recipe_name))
         run = cls(path)
+        if lock:
+            run.lock()
+        # Checked under the lock: another process may have made a run here since the caller looked.
+        if run.run_file.exists():
+            run.unlock()
+            raise MetaspoError(f"{path} already holds a run", hint="resume it, or choose another --output-dir")
         with atomic_file(run.recipe_file) as fh:
             yaml.safe_dump(scrub(resolved_recipe), fh, sort_keys=False, allow_unicode=True)
         run.write_json(
@@ -294,10 +302,13 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: str | Path, recipe_hash: str | None = None) -> RunDir:
+    def open(cls, path: str | Path, recipe_hash: str | None = None, lock: bool = False) -> RunDir:
         """An existing run folder; with ``recipe_hash``, check that the same recipe made it.
 
-        ``recipe_hash`` is None for commands that only read the folder (report, status).
+        ``recipe_hash`` is None for commands that only read the folder (report, status). With ``lock``
+        (to resume the run) the folder is also locked, its checkpoints are checked, and what a killed
+        process left half-written is removed; without it nothing is changed, since another process
+        may be writing there.
         """
         run = cls(path)
         if not run.path.is_dir():
@@ -314,9 +325,16 @@ class RunDir:
                 f"{info.get('recipe_hash')}, not by this recipe (hash {recipe_hash})",
                 hint="resume with the recipe and --set overrides that made the run, or start a new run folder",
             )
-        run._drop_torn_event()
-        for leftover in run.path.rglob(f".*{TEMP_SUFFIX}"):  # from atomic writes cut short by a kill
-            leftover.unlink()
+        if lock:
+            run.lock()
+            try:
+                for leftover in run.path.rglob(f".*{TEMP_SUFFIX}"):  # from atomic writes cut short by a kill
+                    leftover.unlink()
+                for checkpoint in sorted(run.checkpoints_dir.glob("*.json")):  # before any model is loaded
+                    run._read_checkpoint(checkpoint)
+            except BaseException:
+                run.unlock()
+                raise
         return run
 
     @classmethod
@@ -327,11 +345,28 @@ class RunDir:
         resolved_recipe: dict,
         recipe_hash: str,
         root: str | Path = RUNS_ROOT,
+        lock: bool = False,
     ) -> RunDir:
         """Resume the run in ``output_dir`` when it holds one (same recipe only), else start one there."""
         if output_dir is not None and (Path(output_dir) / "run.json").exists():
-            return cls.open(output_dir, recipe_hash)
-        return cls.create(output_dir, recipe_name, resolved_recipe, recipe_hash, root)
+            return cls.open(output_dir, recipe_hash, lock=lock)
+        return cls.create(output_dir, recipe_name, resolved_recipe, recipe_hash, root, lock=lock)
+
+    def lock(self) -> None:
+        """Hold this folder's lock until ``unlock`` or the end of the process; refused (MetaspoError
+        naming the holder's PID) while another process holds it. Taking over the lock of a process
+        that was killed is logged as a ``lock_taken_over`` event."""
+        lock = RunLock(self.path)
+        killed = lock.acquire()
+        self._lock = lock
+        self._drop_torn_event()  # before anything is appended to the log
+        if killed is not None:
+            self.log({"event": "lock_taken_over", "pid": killed})
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def info(self) -> dict:
@@ -410,7 +445,17 @@ class RunDir:
     def load_checkpoint(self, name: str) -> Any | None:
         """The state saved under ``name``, or None when the run has not reached that point yet."""
         path = self.checkpoints_dir / f"{_safe_name(name)}.json"
-        return read_json(path) if path.exists() else None
+        return self._read_checkpoint(path) if path.exists() else None
+
+    def _read_checkpoint(self, path: Path) -> Any:
+        try:
+            return read_json(path)
+        except MetaspoError as error:
+            raise MetaspoError(
+                f"checkpoint {error.message}",
+                hint=f"delete {path} and resume: that step is then redone, its finished generations "
+                     f"replayed from {self.responses_db.name}",
+            ) from None
 
     def status(self) -> RunStatus:
         events = self.events()

@@ -1,5 +1,7 @@
 """The generation engine on tiny random-weight models: identity with plain `generate`, stops, sampling."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -57,6 +59,37 @@ def test_prefix_reuse_shares_the_system_prompt(tiny_llama, tiny_tokenizer):
     assert reused.generate(chats, settings) == plain.generate(chats, settings)
     # The shared prefix is prefilled once instead of once per row.
     assert reused.stats.prefill_tokens < plain.stats.prefill_tokens
+
+
+def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenizer):
+    """The engine relies on transformers internals (attention picked through config._attn_implementation,
+    plain DynamicLayer caches, the forward's cache argument). Should an upgrade change them, the engine
+    could quietly fall back to copying the prefix into every row (slower) or mix up masks (different
+    tokens); this fails instead."""
+    from transformers import AttentionInterface
+
+    from metaspo_hf.models import engine as engine_module
+
+    called = []
+
+    def spy(module, *args, **kwargs):
+        called.append(module.layer_idx)
+        return engine_module._shared_prefix_attention(module, *args, **kwargs)
+
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    assert engine.prefix_reuse, "prefix reuse is off: the cache layers are no longer plain DynamicLayers"
+    assert engine._cache_arg in inspect.signature(tiny_llama.forward).parameters
+    chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:4]]
+    AttentionInterface.register(engine_module._SHARED_PREFIX_ATTENTION, spy)
+    try:
+        got = engine.generate(chats, GenerationSettings(max_new_tokens=5))
+    finally:
+        AttentionInterface.register(engine_module._SHARED_PREFIX_ATTENTION, engine_module._shared_prefix_attention)
+    layers = tiny_llama.config.num_hidden_layers
+    # Every layer of every forward pass of the chunk: the first (prefill of the rows' own tokens) and each step.
+    assert called and sorted(set(called)) == list(range(layers)), "the shared-prefix attention was not called"
+    assert len(called) >= layers * 5 and len(called) % layers == 0
+    assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 5)
 
 
 def test_other_architecture_without_prefix_reuse_still_matches(tiny_tokenizer):

@@ -105,7 +105,9 @@ def test_a_torn_last_event_is_ignored_then_cut_on_reopen(tmp_path):
     with open(run.events_file, "a") as fh:
         fh.write('{"event": "b", "ti')  # a kill in the middle of a write
     assert [e["event"] for e in run.events()] == ["a"]
-    resumed = RunDir.open(run.path, "hash-a")
+    assert [e["event"] for e in RunDir.open(run.path, "hash-a").events()] == ["a"], "a reader changes nothing"
+    assert run.events_file.read_text().endswith('"ti')
+    resumed = RunDir.open(run.path, "hash-a", lock=True)
     resumed.log({"event": "c"})
     assert [e["event"] for e in resumed.events()] == ["a", "c"]
 
@@ -129,7 +131,48 @@ def test_reopening_removes_temporary_files_left_by_a_kill(tmp_path):
     leftover.parent.mkdir()
     leftover.write_text('{"half": ')
     RunDir.open(run.path, "hash-a")
+    assert leftover.exists(), "a reader may not remove what a running process is writing"
+    RunDir.open(run.path, "hash-a", lock=True)
     assert not leftover.exists()
+
+
+def test_a_locked_folder_refuses_a_second_writer_naming_the_holder(tmp_path):
+    run = RunDir.create(tmp_path / "run", "smoke", RECIPE, "hash-a", lock=True)
+    for second in (lambda: RunDir.open(run.path, "hash-a", lock=True),
+                   lambda: RunDir.open_or_create(run.path, "smoke", RECIPE, "hash-a", lock=True)):
+        with pytest.raises(MetaspoError, match=f"run folder .*run is in use by process {os.getpid()}") as error:
+            second()
+        assert "one process works in a run folder at a time" in error.value.hint
+    assert RunDir.open(run.path).path == run.path, "reading needs no lock"
+    run.unlock()
+    assert (run.path / "run.lock").read_text() == "", "a clean release leaves no holder behind"
+    again = RunDir.open(run.path, "hash-a", lock=True)
+    assert "lock_taken_over" not in [e["event"] for e in again.events()]
+    again.unlock()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_and_logged(tmp_path):
+    run = make_run(tmp_path)
+    run.log({"event": "a"})
+    with open(run.events_file, "a") as fh:
+        fh.write('{"event": "b", "ti')  # the killed holder was writing an event
+    # What a holder killed by SIGKILL leaves: its PID in a lock file that no process holds any more.
+    (run.path / "run.lock").write_text("4194999\n")
+    resumed = RunDir.open(run.path, "hash-a", lock=True)
+    assert [(e["event"], e.get("pid")) for e in resumed.events()] == [("a", None), ("lock_taken_over", 4194999)]
+    assert (run.path / "run.lock").read_text() == f"{os.getpid()}\n"
+    resumed.unlock()
+
+
+def test_a_corrupted_checkpoint_is_refused_on_resume_with_what_to_do(tmp_path):
+    run = make_run(tmp_path)
+    path = run.save_checkpoint("search-metaspo", {"result": {}})
+    path.write_text('{"result": {"sys')
+    with pytest.raises(MetaspoError, match=r"checkpoint .*search-metaspo.json is not valid JSON \(line 1") as error:
+        RunDir.open(run.path, "hash-a", lock=True)
+    assert f"delete {path} and resume" in error.value.hint and "responses.sqlite" in error.value.hint
+    path.unlink()
+    RunDir.open(run.path, "hash-a", lock=True).unlock()  # the refusal released the lock
 
 
 def test_read_json_names_a_malformed_file(tmp_path):

@@ -1,5 +1,10 @@
 """BIG-bench offline, on a tiny fake of the bigbench-1.0.0 archive built with tarfile."""
 
+import hashlib
+import io
+import json
+import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -8,7 +13,7 @@ from fixtures.fake_bigbench import COLORS, fake_tasks, write_fake_bigbench
 
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.tasks import fetch_bigbench, load_suite, load_task
-from metaspo_hf.tasks.bigbench import bigbench_task_names, is_fetched
+from metaspo_hf.tasks.bigbench import bigbench_task_names, is_fetched, tasks_root
 
 
 @pytest.fixture
@@ -116,27 +121,80 @@ def test_unknown_bigbench_names_suggest_close_ones(fake_bigbench):
         load_task("bigbench:navigate")
 
 
-def test_download_through_pip_then_delete_the_archive(tmp_path, monkeypatch):
-    import subprocess
-
+def serve_index(tmp_path, monkeypatch, archive: Path, listed_sha256: str | None = None) -> None:
+    """PyPI's JSON simple page for bigbench as a local file, listing ``archive`` by a relative URL."""
     from metaspo_hf.tasks import bigbench
 
+    actual = hashlib.sha256(archive.read_bytes()).hexdigest()
+    index = tmp_path / "index" / "bigbench.json"
+    index.parent.mkdir(exist_ok=True)
+    index.write_text(json.dumps({"files": [
+        {"filename": "bigbench-0.0.1.tar.gz", "url": "elsewhere.tar.gz", "hashes": {"sha256": "0" * 64}},
+        {"filename": "bigbench-1.0.0.tar.gz", "url": os.path.relpath(archive, index.parent),
+         "hashes": {"sha256": listed_sha256 or actual}}]}))
+    monkeypatch.setattr(bigbench, "INDEX_URL", index.as_uri())
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("METASPO_BIGBENCH_ARCHIVE", raising=False)
-    calls = []
 
-    def fake_pip(command, **kwargs):
-        calls.append(command)
-        write_fake_bigbench(Path(command[command.index("-d") + 1]))
-        return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
+def test_download_reads_the_pinned_archive_without_pip_then_deletes_it(tmp_path, monkeypatch):
+    from metaspo_hf.tasks import bigbench
+
+    archive = write_fake_bigbench(tmp_path / "served")
+    serve_index(tmp_path, monkeypatch, archive)
+    monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("no subprocess may run"))
     root = fetch_bigbench()
-    assert calls[0][2:6] == ["pip", "download", "--no-deps", "--no-binary"] and "bigbench==1.0.0" in calls[0]
     assert (root / "navigate" / "task.json.gz").exists()
     assert sorted(path.name for path in root.parent.iterdir()) == ["benchmark_tasks"]
+    assert archive.exists(), "the served file is only read"
 
-    monkeypatch.setattr(bigbench.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
+
+def test_a_hash_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    from metaspo_hf.tasks import bigbench
+
+    archive = write_fake_bigbench(tmp_path / "served")
+    # The index lists the file's true hash, which is not the pinned one: refused before downloading.
+    serve_index(tmp_path, monkeypatch, archive)
+    with pytest.raises(MetaspoError, match=f"not the pinned {bigbench.ARCHIVE_SHA256}"):
+        fetch_bigbench()
+    # The index lists the pinned hash, but the file served is another: refused after downloading.
+    serve_index(tmp_path, monkeypatch, archive, listed_sha256=bigbench.ARCHIVE_SHA256)
+    with pytest.raises(MetaspoError, match="the downloaded file has SHA-256") as error:
+        fetch_bigbench()
+    assert "fetch again" in error.value.hint
+    assert not is_fetched() and sorted(path.name for path in tasks_root().parent.iterdir()) == []
+
+
+def test_an_unreachable_index_names_the_archive_to_fetch_by_hand(tmp_path, monkeypatch):
+    from metaspo_hf.tasks import bigbench
+
+    serve_index(tmp_path, monkeypatch, write_fake_bigbench(tmp_path / "served"))
+    monkeypatch.setattr(bigbench, "INDEX_URL", (tmp_path / "no-index.json").as_uri())
     with pytest.raises(MetaspoError, match="could not download bigbench==1.0.0") as error:
-        fetch_bigbench(force=True)
-    assert "METASPO_BIGBENCH_ARCHIVE" in error.value.hint
+        fetch_bigbench()
+    assert "METASPO_BIGBENCH_ARCHIVE" in error.value.hint and bigbench.ARCHIVE_SHA256 in error.value.hint
+
+
+@pytest.mark.parametrize("name", [
+    "bigbench-1.0.0/bigbench/benchmark_tasks//{outside}/task.json",  # absolute after benchmark_tasks/
+    "/{outside}/task.json",
+    "bigbench-1.0.0/bigbench/benchmark_tasks/../../{outside}/task.json",
+    "bigbench-1.0.0//bigbench/benchmark_tasks/navigate/task.json",
+])
+def test_archive_members_with_unsafe_paths_are_refused(tmp_path, monkeypatch, name):
+    archive = write_fake_bigbench(tmp_path / "archive")
+    outside = tmp_path / "outside"
+    with tarfile.open(archive, "r:gz") as source:
+        members = [(member, source.extractfile(member).read()) for member in source.getmembers()]
+    crafted = tarfile.TarInfo(name.format(outside=str(outside).lstrip("/")))
+    crafted.size = 2
+    with tarfile.open(archive, "w:gz") as out:
+        for member, data in [(crafted, b"{}"), *members]:
+            out.addfile(member, io.BytesIO(data))
+    monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(archive))
+    with pytest.raises(MetaspoError, match="refused: member .* has an absolute path, '..' or an empty component"):
+        fetch_bigbench()
+    assert not outside.exists() and not is_fetched()
+    assert sorted(path.name for path in tasks_root().parent.iterdir()) == []

@@ -160,6 +160,7 @@ def test_users_own_suite_of_local_files():
     ("{data_files: x.csv, prompt: no slot}", "has no {question} slot"),
     ("{config: x}", "needs 'dataset'"),
     ("{data_files: x.csv, metric: F1}", "unknown metric 'F1'"),
+    ("{dataset: a/b, load_kwargs: {trust_remote_code: true}}", "load_kwargs: 'trust_remote_code' is not allowed"),
 ])
 def test_bad_dataset_specs_name_the_key(tmp_path, spec, message):
     (tmp_path / "suite.yaml").write_text(f"domains:\n  d:\n    meta_train:\n      - t: {spec}\n")

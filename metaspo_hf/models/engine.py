@@ -28,6 +28,7 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 
 from __future__ import annotations
 
+import inspect
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -249,6 +250,7 @@ class HFEngine:
         self.batch_size = batch_size
         self.prefix_reuse = prefix_reuse and _cache_is_plain(model)
         self._attention_source = model.config._attn_implementation
+        self._cache_arg = _cache_argument(model)
         self.progress = progress
         # Benchmarks generate exactly max_new_tokens: EOS logits are masked, as generate's min_new_tokens does.
         self.suppress_eos = suppress_eos
@@ -317,7 +319,7 @@ class HFEngine:
         ids = torch.tensor([group[0].ids[:length]], device=self.model.device)
         cache = DynamicCache(config=self.model.config)
         # logits_to_keep=1: the prefix's logits are never read, and the vocabulary projection is a fifth of the work.
-        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
         self.stats.prefill_tokens += length
         return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
@@ -411,7 +413,7 @@ class HFEngine:
 
         with _attending_to(self.model, shared):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                                **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
             for _step in range(settings.max_new_tokens):
                 next_tokens = self._pick(logits, settings, [generators[i] for i in active] if generators else None)
                 keep = []
@@ -433,7 +435,7 @@ class HFEngine:
                 end += 1
                 positions = positions[:, -1:] + 1
                 logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask(1),
-                                    position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                                    position_ids=positions, **{self._cache_arg: cache}, use_cache=True).logits[:, -1, :]
 
         for row, tokens in zip(chunk, new_tokens, strict=True):
             yield row, tokens
@@ -482,6 +484,12 @@ def common_prefix_len(sequences: list[list[int]]) -> int:
             n += 1
         length = n
     return length
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` where the model has it (transformers 5.x
+    deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` on older versions."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_is_plain(model) -> bool:

@@ -1,11 +1,12 @@
 """BIG-bench tasks offline, from the PyPI source distribution ``bigbench==1.0.0``.
 
 The sdist (~360 MB) holds every task as ``bigbench/benchmark_tasks/<task>/task.json`` and
-``<task>/<subtask>/task.json``. ``fetch_bigbench`` downloads it with pip (never installing the
-package, whose dependency tree is large and irrelevant), or takes the file named by
-``$METASPO_BIGBENCH_ARCHIVE``; it keeps only those task files, each gzip-compressed (~400 MB instead
-of 1.7 GB), under ``metaspo_hf.paths.cache_dir("bigbench")``, then deletes the downloaded archive.
-Loading a task fetches first when needed.
+``<task>/<subtask>/task.json``. ``fetch_bigbench`` downloads it as a plain file from PyPI (not with
+pip, whose ``pip download`` of an sdist may build it, running its ``setup.py``) and checks it against
+its pinned SHA-256, or takes the file named by ``$METASPO_BIGBENCH_ARCHIVE``; it keeps only those task
+files, each gzip-compressed (~400 MB instead of 1.7 GB), under ``metaspo_hf.paths.cache_dir("bigbench")``,
+then deletes the downloaded archive. An archive member with an absolute path, ``..`` or an empty path
+component is refused. Loading a task fetches first when needed.
 
 How a BIG-bench example becomes an Example:
 
@@ -26,14 +27,17 @@ How a BIG-bench example becomes an Example:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +54,12 @@ from .task import Example
 PREFIX = "bigbench:"
 BIGBENCH_VERSION = "1.0.0"
 ARCHIVE_ENV = "METASPO_BIGBENCH_ARCHIVE"
+ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+# The sdist's SHA-256, as PyPI listed it when it was pinned: a changed file on the index is refused.
+ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# PyPI's simple API in its JSON form (PEP 691): each file's URL and SHA-256.
+INDEX_URL = "https://pypi.org/simple/bigbench/"
+_INDEX_ACCEPT = "application/vnd.pypi.simple.v1+json"
 _MEMBER = re.compile(r"(?:^|/)bigbench/benchmark_tasks/(.+)/task\.json$")
 _COMPLETE_MARKER = ".complete"
 # gzip level 1: a quarter of the raw size, and extraction stays about as fast as reading the archive.
@@ -70,6 +80,8 @@ def fetch_bigbench(force: bool = False) -> Path:
     if is_fetched() and not force:
         return root
     given = os.environ.get(ARCHIVE_ENV)
+    # A file the user names is taken as theirs to vouch for (small fakes in tests, copies on air-gapped
+    # machines): its members are checked, its hash is not.
     if given:
         archive = Path(given).expanduser()
         if not archive.is_file():
@@ -83,19 +95,62 @@ def fetch_bigbench(force: bool = False) -> Path:
 
 
 def _download(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
-    print(f"Downloading the BIG-bench task files: {' '.join(command[2:])}", file=sys.stderr)
-    completed = subprocess.run(command)
-    archives = sorted(folder.glob("bigbench-*.tar.gz"))
-    if completed.returncode != 0 or not archives:
-        raise MetaspoError(
-            f"could not download bigbench=={BIGBENCH_VERSION} from the package index (pip exit code "
-            f"{completed.returncode})",
-            hint=f"download it where PyPI is reachable (pip download --no-deps --no-binary :all: "
-                 f"bigbench=={BIGBENCH_VERSION}) and set ${ARCHIVE_ENV} to the file",
-        )
-    return archives[0]
+    """The sdist as a file in ``folder``, checked against the SHA-256 that the index lists and the
+    pinned one: read as an archive only, never built."""
+    url, listed = _archive_url()
+    if listed != ARCHIVE_SHA256:
+        raise MetaspoError(f"{INDEX_URL} lists SHA-256 {listed} for {ARCHIVE_NAME}, not the pinned {ARCHIVE_SHA256}",
+                           hint="the file on the index changed; do not use it")
+    target = folder / ARCHIVE_NAME
+    print(f"Downloading the BIG-bench task files: {url}", file=sys.stderr)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url) as response, open(target, "wb") as out, tqdm(
+            total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+            desc=f"downloading {ARCHIVE_NAME}"
+        ) as progress:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+                progress.update(len(chunk))
+    except (urllib.error.URLError, OSError) as exc:
+        raise _download_error(exc) from None
+    if digest.hexdigest() != ARCHIVE_SHA256:
+        raise MetaspoError(f"{url}: the downloaded file has SHA-256 {digest.hexdigest()}, not the pinned "
+                           f"{ARCHIVE_SHA256}", hint="the download was altered or cut short; fetch again")
+    return target
+
+
+def _archive_url() -> tuple[str, str]:
+    """(URL, listed SHA-256) of the sdist, from the index's JSON page."""
+    request = urllib.request.Request(INDEX_URL, headers={"Accept": _INDEX_ACCEPT})
+    try:
+        with urllib.request.urlopen(request) as response:
+            files = json.load(response)["files"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise _download_error(exc) from None
+    for entry in files:
+        if entry.get("filename") == ARCHIVE_NAME:
+            # The index may give URLs relative to its own page.
+            return urllib.parse.urljoin(INDEX_URL, entry["url"]), entry.get("hashes", {}).get("sha256")
+    raise MetaspoError(f"{INDEX_URL} does not list {ARCHIVE_NAME}",
+                       hint=f"download it elsewhere and set ${ARCHIVE_ENV} to the file")
+
+
+def _download_error(exc: Exception) -> MetaspoError:
+    return MetaspoError(
+        f"could not download bigbench=={BIGBENCH_VERSION} from {INDEX_URL} ({type(exc).__name__}: {exc})",
+        hint=f"download {ARCHIVE_NAME} (SHA-256 {ARCHIVE_SHA256}) where PyPI is reachable and set "
+             f"${ARCHIVE_ENV} to the file",
+    )
+
+
+def _check_member(archive: Path, name: str) -> None:
+    # Such a name could place a file outside the cache folder; no genuine sdist member has one.
+    parts = name.split("/")
+    if name.startswith("/") or "" in parts or ".." in parts:
+        raise MetaspoError(f"{archive}: refused: member {name!r} has an absolute path, '..' or an empty component",
+                           hint=f"use the {ARCHIVE_NAME} source archive from PyPI")
 
 
 def _extract(archive: Path, root: Path) -> None:
@@ -110,8 +165,9 @@ def _extract(archive: Path, root: Path) -> None:
         ) as progress:
             for member in tar:
                 progress.update(handle.tell() - progress.n)
+                _check_member(archive, member.name)
                 match = _MEMBER.search(member.name)
-                if not (member.isfile() and match) or ".." in match.group(1).split("/"):
+                if not (member.isfile() and match):
                     continue
                 target = staging / match.group(1) / "task.json.gz"
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +175,11 @@ def _extract(archive: Path, root: Path) -> None:
                     shutil.copyfileobj(tar.extractfile(member), out)
                 count += 1
             progress.update(progress.total - progress.n)
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise MetaspoError(f"{archive}: cannot read the archive ({exc})") from None
+        if isinstance(exc, (tarfile.TarError, EOFError, OSError)):  # gzip.BadGzipFile is an OSError
+            raise MetaspoError(f"{archive}: cannot read the archive ({exc})") from None
+        raise
     if count == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise MetaspoError(f"{archive}: no BIG-bench task files in it",

@@ -6,7 +6,7 @@ A suite YAML describes each such task with a spec (every key optional except whe
 dataset: openlifescienceai/medmcqa   # hub id, or a builder (json, csv, parquet); inferred from data_files
 config: null                         # the dataset's configuration name
 data_files: null                     # a path/URL or {split: path}; relative paths are relative to the YAML
-load_kwargs: {}                      # more datasets.load_dataset arguments for hub ids and URLs (revision, streaming, ...)
+load_kwargs: {}                      # more datasets.load_dataset arguments for hub ids and URLs: only revision, streaming, data_dir, keep_in_memory, num_proc
 train_split: train                   # where training questions come from
 test_split: validation               # null: a single split, divided by seed into train and test
 max_rows: null                       # read at most this many rows per split (for huge or streamed sources)
@@ -53,6 +53,9 @@ from .extract import LETTERS
 from .task import Example
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# The datasets.load_dataset arguments a suite may set. An allowlist, not a blocklist: a suite file is
+# data, and arguments such as trust_remote_code would let it run code from the hub.
+LOAD_KWARGS = ("revision", "streaming", "data_dir", "keep_in_memory", "num_proc")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ def spec_from_mapping(mapping: dict, where: str, base_dir: Path) -> DatasetSpec:
     for key in ("filter", "load_kwargs"):
         if not isinstance(values.get(key, {}), dict):
             raise MetaspoError(f"{where}.{key}: expected a mapping")
+    refused = [key for key in values.get("load_kwargs", {}) if key not in LOAD_KWARGS]
+    if refused:
+        raise MetaspoError(f"{where}.load_kwargs: {refused[0]!r} is not allowed",
+                           hint=f"allowed: {', '.join(LOAD_KWARGS)}")
     labels = values.get("labels") or ()
     if not isinstance(labels, (list, tuple)):
         raise MetaspoError(f"{where}.labels: expected a list of labels")
