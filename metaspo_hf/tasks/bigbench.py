@@ -57,8 +57,18 @@ ARCHIVE_ENV = "METASPO_BIGBENCH_ARCHIVE"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # The sdist's SHA-256, as PyPI listed it when it was pinned: a changed file on the index is refused.
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-# PyPI's simple API in its JSON form (PEP 691): each file's URL and SHA-256.
-INDEX_URL = "https://pypi.org/simple/bigbench/"
+# The project page on the package index pip uses (PIP_INDEX_URL, else pip's own default), read through
+# the simple API in its JSON form (PEP 691): each file's URL and SHA-256.
+def _pip_index() -> str:
+    configured = os.environ.get("PIP_INDEX_URL")
+    if configured:
+        return configured
+    from pip._internal.models.index import PyPI  # pip's default index; stable across pip releases
+
+    return PyPI.simple_url
+
+
+INDEX_URL = _pip_index().rstrip("/") + "/bigbench/"
 _INDEX_ACCEPT = "application/vnd.pypi.simple.v1+json"
 _MEMBER = re.compile(r"(?:^|/)bigbench/benchmark_tasks/(.+)/task\.json$")
 _COMPLETE_MARKER = ".complete"
