@@ -58,6 +58,7 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
 def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_prompts: dict[str, str]) -> Path:
     from .protocols import (
         BASELINE_SYSTEM_PROMPTS,
+        item_rows,
         load_user_prompts,
         overall_scores,
         save_user_prompts,
@@ -65,7 +66,6 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
         unseen_generalization,
         write_user_prompts,
     )
-    from .protocols import item_rows
     from .report import write_report
     from .search.registry import system_prompt_methods
     from .stats import paired_difference

@@ -22,9 +22,9 @@ from .search import prompts
 from .search.budget import EvalBudget, SearchBudget
 from .search.context import EventSink, SearchContext
 from .search.methods.unilevel import user_prompt_search
+from .search.parsing import shared_runs
 from .search.proposals import rewrite_user_prompts
 from .search.scorer import Scorer, Trial
-from .search.parsing import shared_runs
 from .search.writer import PromptWriter
 from .stats import spread
 from .tasks.task import QUESTION_SLOT, Example, Task

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from ..errors import MetaspoError
 from ..models.base import LM
 from ..tasks.task import Task
 from .budget import SearchBudget
-from ..errors import MetaspoError
 from .context import EventSink, SearchContext
 from .guard import validation_examples, validation_guard
 from .registry import get_method
