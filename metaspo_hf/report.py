@@ -20,9 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import MetaspoError
+from .files import atomic_file, read_json, write_json_atomic, write_text_atomic
 from .models.base import make_chat
 from .reference_files import reference_result
-from .runs import RunDir, atomic_file, read_json, write_json_atomic, write_text_atomic
+from .runs import RunDir
 from .stats import describe, paired_difference, spread
 
 # Baselines first, in the order the paper's tables use, then MetaSPO; other labels (system prompt

@@ -92,13 +92,11 @@ class LM:
 
     def __call__(self, chats: Sequence[Chat], desc: str | None = None) -> list[str]:
         self.usage.chats += len(chats)
-        self.usage.calls += 1
         return self.engine.generate(list(chats), self.settings, desc=desc)
 
     def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
         """The engine's ``loglikelihood`` (generation settings play no part in it)."""
         self.usage.continuations += len(requests)
-        self.usage.calls += 1
         return self.engine.loglikelihood(list(requests), desc=desc)
 
     def with_seed(self, seed: int) -> LM:
@@ -109,7 +107,6 @@ class LM:
 @dataclass
 class RoleUsage:
     chats: int = 0
-    calls: int = 0
     # (chat, continuation) pairs scored by log-likelihood.
     continuations: int = 0
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from ..models.base import LM, make_chat
-from ..tasks.extract import LETTERS
-from ..tasks.task import Example, Task
+from .models.base import LM, make_chat
+from .tasks.extract import LETTERS
+from .tasks.task import Example, Task
 
 # The recipe's `scoring` values.
 SCORING_MODES = ("generate", "loglik")
