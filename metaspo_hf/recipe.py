@@ -54,8 +54,9 @@ def _base_generation() -> GenerationSpec:
 
 
 def _optimizer_generation() -> GenerationSpec:
-    # Temperature 1.0 (the paper's setting) keeps the m candidates of one step diverse.
-    return GenerationSpec(max_new_tokens=512, temperature=1.0)
+    # Temperature 1.0 (the paper's setting) keeps the m candidates of one step diverse; 768 new tokens hold
+    # an analysis plus a rewritten prompt.
+    return GenerationSpec(max_new_tokens=768, temperature=1.0)
 
 
 @dataclass

@@ -8,6 +8,8 @@ the name of a system-prompt file given with ``--system-prompt``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..errors import MetaspoError, did_you_mean
 from ..search import system_prompt_methods
 
@@ -41,6 +43,17 @@ BASELINE_SYSTEM_PROMPTS: dict[str, str] = {
     "cot": "Let's think step by step.",
     "service": SERVICE_SYSTEM_PROMPT,
 }
+
+
+# The order of the paper's tables: the fixed baselines, the searched baselines, then MetaSPO; other labels
+# (system prompt files, other methods) follow in the order they appear.
+TABLE_ORDER = (*BASELINE_SYSTEM_PROMPTS, "outer_only", "sprig", "metaspo")
+
+
+def ordered_labels(labels: Iterable[str]) -> list[str]:
+    """``labels`` without repeats, in ``TABLE_ORDER``, then the others in the order they appear."""
+    seen = list(dict.fromkeys(labels))
+    return [label for label in TABLE_ORDER if label in seen] + [label for label in seen if label not in TABLE_ORDER]
 
 
 def known_labels() -> list[str]:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash
+from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_indices, stable_hash
 from .batching import split_on_oom
 from .loglik import loglikelihood
 from .packed import on_packed_weights, packed_linear_weights
@@ -97,12 +97,9 @@ class HFEngine:
                      desc: str | None = None) -> list[list[int]]:
         """The generated token ids of each chat (EOS left out; a stop string's tokens kept)."""
         started = time.perf_counter()
-        occurrences: dict[str, int] = {}
         rows, groups = [], {}
-        for i, chat in enumerate(chats):
+        for i, (chat, k) in enumerate(zip(chats, sample_indices(chats), strict=True)):
             text = self.render(chat)
-            k = occurrences.get(text, 0)
-            occurrences[text] = k + 1
             row = Row(i, self.encode(text), stable_hash(settings.seed, text, k))
             rows.append(row)
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
