@@ -10,7 +10,7 @@ from metaspo_hf.errors import MetaspoError
 from metaspo_hf.tasks import Example, load_suite, load_task
 from metaspo_hf.tasks.build import TaskData, sample_examples
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 HUB = str(FIXTURES / "hub")
 REFERENCE = FIXTURES / "reference"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_search_helpers import base_lm, make_task, optimizer_lm, question_index
+from fakes import base_lm, make_task, optimizer_lm, question_index
 
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.search import SearchConfig, run_search

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_search_helpers import (
+from fakes import (
     base_lm,
     batch_sizes,
     is_analysis_request,

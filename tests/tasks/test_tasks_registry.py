@@ -18,7 +18,7 @@ from metaspo_hf.tasks import (
 )
 from metaspo_hf.tasks.registry import resolve_task, suite_definition
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 OFFLINE_SUITES = ["bigbench-reasoning", "bigbench-ethics", "bigbench-knowledge", "bigbench-reading",
                   "bigbench-emotion"]
 

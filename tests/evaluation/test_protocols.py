@@ -6,7 +6,7 @@ import json
 from statistics import stdev
 
 import pytest
-from test_search_helpers import base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
+from fakes import base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
 
 from metaspo_hf import search
 from metaspo_hf.errors import MetaspoError

@@ -9,7 +9,7 @@ import dataclasses
 import re
 
 import pytest
-from test_search_helpers import TagTask, base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
+from fakes import TagTask, base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
 
 from metaspo_hf.models.base import LM, GenerationSettings, stable_hash
 from metaspo_hf.models.fake import FakeEngine
