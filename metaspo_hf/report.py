@@ -483,14 +483,14 @@ def _plot_scores(result: dict, labels: list[str], colors: dict, path: Path) -> b
 
 
 def _span(low: float, high: float, minimum: float) -> tuple[float, float]:
-    """[low, high] widened around its middle to at least ``minimum``, kept inside [0, 1] where it fits."""
-    pad = max(minimum - (high - low), 0.0) / 2 + 0.02
-    low, high = low - pad, high + pad
-    if low < 0:
-        low, high = 0.0, high - low
-    if high > 1:
-        low, high = max(0.0, low - (high - 1)), 1.0
-    return low, high
+    """[low, high] widened around its middle to at least ``minimum``, kept inside [0, 1] where it fits,
+    with a small margin outside it so that a line at 0 or 1 is not hidden by the axis."""
+    pad = max(minimum - (high - low), 0.0) / 2
+    low, high = max(0.0, low - pad), min(1.0, high + pad)
+    if high - low < minimum:  # clipped at one end: take the rest at the other
+        low, high = (0.0, minimum) if low == 0.0 else (1.0 - minimum, 1.0)
+    margin = 0.03 * minimum
+    return low - margin, high + margin
 
 
 def _clipped_error(means: list[float], sds: list[float]) -> list[list[float]]:
