@@ -11,10 +11,26 @@ import time
 from pathlib import Path
 
 from .errors import MetaspoError
+from .evaluation import BASELINE_SYSTEM_PROMPTS
+from .evaluation.protocols import (
+    item_rows,
+    load_user_prompts,
+    overall_scores,
+    save_user_prompts,
+    test_time_adaptation,
+    unseen_generalization,
+)
 from .models.base import LM, GenerationSettings, make_chat
-from .protocols import save_user_prompts
+from .models.cache import CachedEngine
+from .models.loading import PACKAGED_MODELS, check_loadable, load_engines, resolve_source
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
 from .reference_files import read_fixed_user_prompts, read_system_prompt
+from .report import compare_runs, write_report
+from .runs import RunDir
+from .scoring import is_multiple_choice
+from .search import SearchResult, run_search, system_prompt_methods, write_user_prompts
+from .stats import paired_difference
+from .tasks import Suite, list_suites, load_suite, load_task
 
 # Phases in the order they run; each reads what the earlier ones left in the run folder.
 PHASES = ("train", "evaluate", "adapt")
@@ -56,20 +72,6 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
 
 
 def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_prompts: dict[str, str]) -> Path:
-    from .protocols import (
-        BASELINE_SYSTEM_PROMPTS,
-        item_rows,
-        load_user_prompts,
-        overall_scores,
-        save_user_prompts,
-        test_time_adaptation,
-        unseen_generalization,
-        write_user_prompts,
-    )
-    from .report import write_report
-    from .search.registry import system_prompt_methods
-    from .stats import paired_difference
-
     on_event = _event_sink(run_dir)
     on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path)})
     started = time.perf_counter()
@@ -147,8 +149,6 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
 
 def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
     """The recipe's suite, or its explicit task lists; `--tasks` replaces the unseen tasks."""
-    from .tasks import Suite, load_suite, load_task
-
     sizes = dict(seed=recipe.seed, train_size=recipe.search.train_size, test_size=recipe.search.test_size,
                  data_dir=recipe.tasks.data_dir)
     # Meta-train tasks also hold the validation guard's questions, after the search's own.
@@ -172,8 +172,6 @@ def _fixed_user_prompts(recipe: Recipe, suite) -> dict[str, list[str]] | None:
 def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe, on_event):
     """Run one search, checkpointed when done: a resumed run restores it (and its call counts)
     instead of replaying it from the response cache."""
-    from .search import SearchResult, run_search
-
     name = f"search-{method}"
     saved = run_dir.load_checkpoint(name)
     if saved is not None:
@@ -188,17 +186,12 @@ def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: R
 
 
 def check_models(recipe: Recipe) -> None:
-    from .models.loading import check_loadable
-
     for spec in filter(None, (recipe.model, recipe.optimizer_model)):
         check_loadable(spec)
 
 
 def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = True):
     """(base LM, optimizer LM, engines); the engines are wrapped in the run's response cache."""
-    from .models.cache import CachedEngine
-    from .models.loading import load_engines
-
     base_engine, optimizer_engine = load_engines(recipe.model, recipe.optimizer_model, progress=progress)
     engines = {id(base_engine): base_engine, id(optimizer_engine): optimizer_engine}
     if responses_db is not None:
@@ -217,8 +210,6 @@ def _settings(spec: GenerationSpec, seed: int) -> GenerationSettings:
 
 def _scoring_event(recipe: Recipe, suite) -> dict:
     """Which tasks `scoring: loglik` answers by option likelihood, and which fall back to generation."""
-    from .search.scorer import is_multiple_choice
-
     tasks = {task.name: task for task in [*suite.meta_train, *suite.meta_test]}
     by_loglik = [name for name, task in tasks.items()
                  if any(is_multiple_choice(task, ex) for ex in [*task.train, *task.test])]
@@ -258,8 +249,6 @@ def _describe(event: dict) -> str:
 
 
 def _open_run(recipe: Recipe, output_dir: str | None, resume: str | None):
-    from .runs import RunDir
-
     # Locked until run() ends: a second process on the same folder is refused.
     if resume:
         return RunDir.open(resume, recipe.fingerprint(), lock=True)
@@ -282,9 +271,6 @@ def costs(base: LM, optimizer: LM, engines, seconds: float) -> dict:
 # ---- the small commands ---------------------------------------------------------------------------
 
 def list_everything() -> None:
-    from .models.loading import PACKAGED_MODELS
-    from .tasks import list_suites
-
     print("Recipes:")
     for path in list_recipes():
         recipe = load_recipe(str(path))
@@ -301,8 +287,6 @@ def validate(recipe_name: str, overrides: list[str]) -> None:
     """Check a recipe without loading weights: keys, types, values, the model source, and every task's
     data, read and sampled as a run would (so a run fails on nothing validate could have seen)."""
     import torch
-
-    from .models.loading import resolve_source
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]
@@ -343,15 +327,9 @@ def generate_one(recipe_name: str, overrides: list[str], question: str, system_p
 
 
 def report(run_dir: str) -> Path:
-    from .report import write_report
-    from .runs import RunDir
-
     write_report(RunDir.open(run_dir).path)
     return Path(run_dir)
 
 
 def compare(run_dirs: list[str], out: str) -> Path:
-    from .report import compare_runs
-    from .runs import RunDir
-
     return compare_runs([RunDir.open(d).path for d in run_dirs], out)

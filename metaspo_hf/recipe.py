@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from .errors import MetaspoError, did_you_mean
+from .evaluation.config import EvaluationConfig
 from .models.loading import ModelSpec
-from .search.budget import EvalBudget, SearchBudget
-from .search.scorer import SCORING_MODES
+from .scoring import SCORING_MODES
+from .search.config import SearchConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # (section, key) of the recipe values that name files or folders; relative ones are relative to the recipe.
@@ -53,8 +54,9 @@ def _base_generation() -> GenerationSpec:
 
 
 def _optimizer_generation() -> GenerationSpec:
-    # Temperature 1.0 (the paper's setting) keeps the m candidates of one step diverse.
-    return GenerationSpec(max_new_tokens=512, temperature=1.0)
+    # Temperature 1.0 (the paper's setting) keeps the m candidates of one step diverse; 768 new tokens hold
+    # an analysis plus a rewritten prompt.
+    return GenerationSpec(max_new_tokens=768, temperature=1.0)
 
 
 @dataclass
@@ -88,8 +90,8 @@ class Recipe:
     optimizer_model: ModelSpec | None = None
     generation: GenerationRoles = field(default_factory=GenerationRoles)
     tasks: TaskSpec = field(default_factory=TaskSpec)
-    search: SearchBudget = field(default_factory=SearchBudget)
-    evaluation: EvalBudget = field(default_factory=EvalBudget)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     seed: int = 0
     # How the base model answers multiple-choice questions: "generate" (generate, extract the answer) or
     # "loglik" (the option X whose "(X)" is likeliest after the prompt; no generation).

@@ -20,14 +20,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import MetaspoError
+from .evaluation.labels import ordered_labels
+from .files import atomic_file, read_json, write_json_atomic, write_text_atomic
 from .models.base import make_chat
 from .reference_files import reference_result
-from .runs import RunDir, atomic_file, read_json, write_json_atomic, write_text_atomic
+from .runs import RunDir
 from .stats import describe, paired_difference, spread
 
-# Baselines first, in the order the paper's tables use, then MetaSPO; other labels (system prompt
-# files given to `metaspo evaluate`) follow in the order they appear.
-CANONICAL_LABELS = ("none", "default", "cot", "service", "outer_only", "sprig", "metaspo")
 COST_KEYS = (
     "base_generations",
     "generated_tokens",
@@ -47,6 +46,11 @@ MARGIN_BASELINES = ("default", "cot")
 USER_PLACEHOLDER = "<your user prompt>"
 # Enough resolution for print and for a README; the files stay around 50-100 kB.
 PLOT_DPI = 120
+
+# The test-time adaptation plot: the narrowest y range its panels share, and each label's marker and dash.
+ADAPTATION_MIN_SPAN = 0.2
+ADAPTATION_MARKERS = ("o", "s", "^", "D", "v")
+ADAPTATION_DASHES = ("-", "--", ":", "-.")
 
 PLOTS = {
     "scores": "unseen_generalization.png",
@@ -152,9 +156,9 @@ def write_report(run_dir: str | Path) -> Path:
         )
     result = validate_result(read_json(result_path), source=str(result_path))
     nodes = _method_nodes(folder / "nodes.json", result["method"])
-    labels = _ordered_labels(_all_labels(result))
+    labels = ordered_labels(_all_labels(result))
     # Methods share the label colors (the `metaspo` curve matches the `metaspo` bars).
-    colors = _label_colors(_ordered_labels([*labels, *result["meta_train"]]))
+    colors = _label_colors(ordered_labels([*labels, *result["meta_train"]]))
 
     comparisons = result.get("comparisons", {})
 
@@ -478,6 +482,17 @@ def _plot_scores(result: dict, labels: list[str], colors: dict, path: Path) -> b
     return True
 
 
+def _span(low: float, high: float, minimum: float) -> tuple[float, float]:
+    """[low, high] widened around its middle to at least ``minimum``, kept inside [0, 1] where it fits,
+    with a small margin outside it so that a line at 0 or 1 is not hidden by the axis."""
+    pad = max(minimum - (high - low), 0.0) / 2
+    low, high = max(0.0, low - pad), min(1.0, high + pad)
+    if high - low < minimum:  # clipped at one end: take the rest at the other
+        low, high = (0.0, minimum) if low == 0.0 else (1.0 - minimum, 1.0)
+    margin = 0.03 * minimum
+    return low - margin, high + margin
+
+
 def _clipped_error(means: list[float], sds: list[float]) -> list[list[float]]:
     """Error bars of ± sd cut at the score's range [0, 1] (a bar below 0 reads as a negative score)."""
     return [[min(sd, m) for m, sd in zip(means, sds, strict=True)],
@@ -492,9 +507,16 @@ def _plot_adaptation(result: dict, labels: list[str], colors: dict, path: Path) 
     rows = math.ceil(len(tasks) / columns)
     fig = Figure(figsize=(4.2 * columns, 3.4 * rows))
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    # One y range for every panel, at least ADAPTATION_MIN_SPAN wide, so that a flat line reads as flat.
+    values = [v for by_label in tasks.values() for curve in by_label.values() for v in curve]
+    low, high = _span(min(values), max(values), ADAPTATION_MIN_SPAN)
     for ax, (task, by_label) in zip(axes, tasks.items(), strict=False):
-        for label, curve in _in_order(by_label, labels):
-            ax.plot(range(len(curve)), curve, marker="o", label=label, color=colors[label])
+        for rank, (label, curve) in enumerate(_in_order(by_label, labels)):
+            # Equal curves stay visible: each label has its own marker and dash, drawn smaller on top.
+            ax.plot(range(len(curve)), curve, label=label, color=colors[label],
+                    marker=ADAPTATION_MARKERS[rank % len(ADAPTATION_MARKERS)], markersize=8 - 2 * (rank % 3),
+                    linestyle=ADAPTATION_DASHES[rank % len(ADAPTATION_DASHES)])
+        ax.set_ylim(low, high)
         ax.set_title(task)
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -559,7 +581,7 @@ def _label_colors(labels: list[str]) -> dict[str, Any]:
 def summarize_seeds(results: list[dict]) -> dict:
     """Mean and sample sd across runs (seeds) of each label's overall and per-task scores, and
     MetaSPO's margin over each baseline in ``MARGIN_BASELINES``."""
-    labels = _ordered_labels(label for r in results for label in r["overall"])
+    labels = ordered_labels(label for r in results for label in r["overall"])
     tasks = list(dict.fromkeys(task for r in results for task in r["scores"]))
     summary = {
         "recipe": results[0]["recipe"],
@@ -761,13 +783,6 @@ def _all_labels(result: dict) -> Iterable[str]:
     yield from result["overall"]
     for by_label in (*result["scores"].values(), *result["adaptation"].values()):
         yield from by_label
-
-
-def _ordered_labels(labels: Iterable[str]) -> list[str]:
-    seen = list(dict.fromkeys(labels))
-    return [label for label in CANONICAL_LABELS if label in seen] + [
-        label for label in seen if label not in CANONICAL_LABELS
-    ]
 
 
 def _in_order(by_label: dict, labels: list[str]) -> list[tuple[str, Any]]:

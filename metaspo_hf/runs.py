@@ -12,13 +12,8 @@ import csv
 import json
 import os
 import re
-import secrets
 import shlex
 import sys
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +23,7 @@ import yaml
 
 from . import __version__
 from .errors import MetaspoError
-from .models.cache import count_responses
+from .files import TEMP_SUFFIX, atomic_file, read_json, write_json_atomic
 from .runlock import RunLock
 from .stats import ITEM_FIELDS
 
@@ -43,8 +38,6 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "<redacted>"
-# Suffix of the temporary files behind atomic writes; a kill can leave one, removed on resume.
-TEMP_SUFFIX = ".tmp"
 # Shorter environment values ("1", "true") are settings, not secrets, and would redact common words.
 _MIN_SECRET_LENGTH = 8
 
@@ -94,106 +87,7 @@ def scrub_argv(argv: list[str]) -> list[str]:
     return _scrub(cleaned, _secret_environment_values())
 
 
-# ---- atomic files ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_file(path: str | Path, binary: bool = False) -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
-
-    On an exception (or a kill) ``path`` keeps its previous content and the temporary file is removed
-    (a kill can leave one ``.<name>.<random>.tmp`` behind; ``RunDir.open`` removes those).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    # Mode 0o666 minus the umask, as open() would give (mkstemp's 0600 would hide results from others).
-    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        # newline="" writes "\n" as is on every platform, so CSV and JSON files are byte-identical.
-        with (
-            os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8", newline="")
-        ) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the folder entry is on disk (POSIX; Windows has no dir fds).
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file, fsync, rename)."""
-    with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    return Path(path)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_file(path) as fh:
-        fh.write(text)
-    return Path(path)
-
-
-def read_json(path: str | Path) -> Any:
-    """The JSON in ``path``; a missing or malformed file is a MetaspoError naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MetaspoError(f"{path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise MetaspoError(
-            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from None
-
-
 # ---- the run folder -------------------------------------------------------------------------------
-
-
-@dataclass
-class RunStatus:
-    """What a run folder already holds, for the resume message."""
-
-    path: Path
-    recipe: str
-    events: Counter = field(default_factory=Counter)
-    last_event: dict | None = None
-    checkpoints: list[str] = field(default_factory=list)
-    cached_responses: int = 0
-    has_user_prompts: bool = False
-    has_nodes: bool = False
-    has_result: bool = False
-    has_report: bool = False
-
-    def __str__(self) -> str:
-        logged = ", ".join(f"{count} x {name}" for name, count in self.events.items()) or "none"
-        last = self.last_event or {}
-        parts = [
-            f"run folder {self.path} (recipe {self.recipe!r})",
-            f"events: {logged}"
-            + (f"; last {last.get('event', '?')!r} at {last.get('time', '?')}" if last else ""),
-            f"checkpoints: {', '.join(self.checkpoints) or 'none'}",
-            f"cached responses: {self.cached_responses}",
-            "user prompts: " + ("saved" if self.has_user_prompts else "not yet"),
-            "nodes: " + ("saved" if self.has_nodes else "not yet"),
-            "result.json: " + ("written" if self.has_result else "not yet"),
-            "report: " + ("written" if self.has_report else "not yet"),
-        ]
-        return "; ".join(parts)
 
 
 class RunDir:
@@ -420,9 +314,6 @@ class RunDir:
         unless absolute."""
         return write_json_atomic(self.path / path, scrub(obj))
 
-    def read_json(self, path: str | Path) -> Any:
-        return read_json(self.path / path)
-
     def write_items(self, rows: list[dict]) -> Path:
         with atomic_file(self.items_file) as fh:
             writer = csv.DictWriter(fh, fieldnames=ITEM_FIELDS, lineterminator="\n")
@@ -456,27 +347,6 @@ class RunDir:
                 hint=f"delete {path} and resume: that step is then redone, its finished generations "
                      f"replayed from {self.responses_db.name}",
             ) from None
-
-    def status(self) -> RunStatus:
-        events = self.events()
-        info = self.info if self.run_file.exists() else {}
-        checkpoints = (
-            sorted(p.stem for p in self.checkpoints_dir.glob("*.json"))
-            if self.checkpoints_dir.is_dir()
-            else []
-        )
-        return RunStatus(
-            path=self.path,
-            recipe=info.get("recipe", "?"),
-            events=Counter(e.get("event", "?") for e in events),
-            last_event=events[-1] if events else None,
-            checkpoints=checkpoints,
-            cached_responses=count_responses(self.responses_db),
-            has_user_prompts=self.user_prompts_file.exists(),
-            has_nodes=self.nodes_file.exists(),
-            has_result=self.result_file.exists(),
-            has_report=self.report_file.exists(),
-        )
 
 
 def _utc_now() -> str:

@@ -1,6 +1,7 @@
 """Recipes: inheritance, overrides, and errors that name the file, the key and the value."""
 
 import pytest
+import yaml
 
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.recipe import list_recipes, load_recipe
@@ -147,3 +148,27 @@ def test_a_path_found_only_in_the_working_directory_still_works_with_a_note(tmp_
     assert len(note) == 1 and note[0] == (
         f"metaspo: note: {path}: tasks.data_dir recipes/data is read from the working directory, "
         "not the recipe's folder; write it relative to the recipe")
+
+
+def test_base_recipe_never_silently_disagrees_with_the_dataclass_defaults():
+    """The dataclasses hold the defaults; recipes/_base.yaml documents them and may override one only on
+    a line whose comment says it is the paper's value."""
+    import dataclasses
+
+    from metaspo_hf.recipe import RECIPES_DIR, Recipe
+
+    base = RECIPES_DIR / "_base.yaml"
+    defaults = Recipe().to_dict()
+    lines = base.read_text().splitlines()
+
+    def walk(data, default, path):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                walk(value, default[key], (*path, key))
+            elif value != (list(default[key]) if isinstance(default[key], tuple) else default[key]):
+                line = next(line for line in lines if line.strip().startswith(f"{key}:"))
+                assert "paper" in line.partition("#")[2], f"_base.yaml sets {'.'.join((*path, key))} to {value!r}, not the default " \
+                                    f"{default[key]!r}, without a comment saying it is the paper's value"
+
+    walk(yaml.safe_load(base.read_text()), defaults, ())
+    assert dataclasses.is_dataclass(Recipe)

@@ -29,7 +29,7 @@ import torch
 
 from ..models.base import LM, GenerationSettings, make_chat
 from ..models.engine import HFEngine
-from ..search.scorer import LOGLIK_CONTINUATION, Scorer, Trial, is_multiple_choice
+from ..scoring import LOGLIK_CONTINUATION, Scorer, Trial, is_multiple_choice
 from ..tasks.extract import LETTERS, extract_choice, find_answer_segment
 
 

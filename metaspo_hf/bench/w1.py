@@ -22,7 +22,8 @@ import torch
 from transformers import GenerationConfig
 
 from ..models.base import Chat, GenerationSettings, make_chat
-from ..models.engine import HFEngine, common_prefix_len
+from ..models.engine import HFEngine
+from ..models.prefix import common_prefix_len
 
 SYSTEM_PROMPT = (
     "You are a patient and precise assistant who helps people reason through everyday problems. "

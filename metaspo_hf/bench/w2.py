@@ -37,10 +37,7 @@ from pathlib import Path
 from ..models.base import LM, GenerationSettings
 from ..models.cache import CachedEngine
 from ..models.engine import HFEngine
-from ..search.budget import SearchBudget
-from ..search.context import SearchContext
-from ..search.registry import get_method
-from ..search.run import SearchResult
+from ..search import SearchConfig, run_search
 from ..tasks.registry import load_task
 
 
@@ -61,8 +58,8 @@ class RunCost:
     batch_size: int = 32
     seed: int = 0
 
-    def budget(self, racing: bool) -> SearchBudget:
-        return SearchBudget(method="metaspo", iterations=1, system_candidates=self.system_candidates,
+    def budget(self, racing: bool) -> SearchConfig:
+        return SearchConfig(method="metaspo", iterations=1, system_candidates=self.system_candidates,
                             user_candidates=self.user_candidates, top_k=self.top_k, train_size=self.train_size,
                             racing=racing)
 
@@ -111,7 +108,8 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     base = LM(base_front, base_settings, role="base")
     optimizer = LM(optimizer_front, optimizer_settings, role="optimizer")
     started = time.perf_counter()
-    result = search(tasks, base, optimizer, cost.budget(racing=ours), cost.seed, dedupe=ours)
+    # Without dedupe the scorer generates every copy of identical chats, as the paper code does.
+    result = run_search("metaspo", tasks, base, optimizer, cost.budget(racing=ours), cost.seed, dedupe=ours)
     wall = time.perf_counter() - started
     print(f"[bench] W2 {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations, "
           f"{base_engine.stats.generated_tokens} + {optimizer_engine.stats.generated_tokens} generated tokens",
@@ -136,15 +134,6 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     )
 
 
-def search(tasks, base: LM, optimizer: LM, budget: SearchBudget, seed: int, dedupe: bool) -> SearchResult:
-    """``run_search("metaspo", ...)``, with the scorer's dedupe of identical chats on or off."""
-    ctx = SearchContext("metaspo", tasks, base, optimizer, budget, seed)
-    ctx.scorer.dedupe = dedupe
-    outcome = get_method("metaspo").run(ctx, list(tasks))
-    return SearchResult("metaspo", outcome.system_prompt, outcome.user_prompts, outcome.history,
-                        ctx.nodes.as_dicts(), ctx.counts())
-
-
 def run(model, tokenizer, cost: RunCost) -> dict:
     """Both ways on the same tasks; the figures and their ratios (ours / reference)."""
     tasks = [load_task(name, seed=cost.seed, train_size=cost.train_size, test_size=1) for name in cost.tasks]
@@ -158,7 +147,7 @@ def run(model, tokenizer, cost: RunCost) -> dict:
                for name, way in ways.items()}
     return {
         "settings": {**asdict(cost), "tasks": list(cost.tasks), "method": "metaspo", "iterations": 1,
-                     "racing_rounds": SearchBudget().racing_rounds},
+                     "racing_rounds": SearchConfig().racing_rounds},
         **figures,
         "ratio": {
             "generated_tokens": _ratio(ours.generated_tokens, reference.generated_tokens),

@@ -7,6 +7,7 @@ real transformers engine and the scripted fake used in tests are interchangeable
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
@@ -92,13 +93,11 @@ class LM:
 
     def __call__(self, chats: Sequence[Chat], desc: str | None = None) -> list[str]:
         self.usage.chats += len(chats)
-        self.usage.calls += 1
         return self.engine.generate(list(chats), self.settings, desc=desc)
 
     def loglikelihood(self, requests: Sequence[LoglikRequest], desc: str | None = None) -> list[float]:
         """The engine's ``loglikelihood`` (generation settings play no part in it)."""
         self.usage.continuations += len(requests)
-        self.usage.calls += 1
         return self.engine.loglikelihood(list(requests), desc=desc)
 
     def with_seed(self, seed: int) -> LM:
@@ -109,7 +108,6 @@ class LM:
 @dataclass
 class RoleUsage:
     chats: int = 0
-    calls: int = 0
     # (chat, continuation) pairs scored by log-likelihood.
     continuations: int = 0
 
@@ -127,6 +125,25 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """The text up to and including the earliest stop string, or all of it."""
     ends = [text.find(s) + len(s) for s in stops if s in text]
     return text[: min(ends)] if ends else text
+
+
+def chat_key(chat: Chat) -> str:
+    """The chat as canonical JSON: equal chats give equal strings, whatever their key order."""
+    return json.dumps(chat, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def sample_indices(chats: Sequence[Chat]) -> list[int]:
+    """The sample index of each chat of one call: k for the k-th identical chat (by ``chat_key``).
+
+    The one rule behind sampled answers: the engine seeds copy k of a chat with k, the response cache
+    stores it under k, and the fake engine passes k to its responder."""
+    seen: dict[str, int] = {}
+    indices = []
+    for chat in chats:
+        key = chat_key(chat)
+        indices.append(seen.get(key, 0))
+        seen[key] = indices[-1] + 1
+    return indices
 
 
 def stable_hash(*parts: object) -> int:

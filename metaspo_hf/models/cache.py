@@ -24,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 
 from ..errors import MetaspoError
-from .base import Chat, Engine, EngineStats, GenerationSettings, LoglikRequest
+from .base import Chat, Engine, EngineStats, GenerationSettings, LoglikRequest, chat_key, sample_indices
 
 # SQLite allows at least 999 bound parameters per statement on every build still in use.
 _LOOKUP_CHUNK = 500
@@ -90,15 +90,8 @@ class CachedEngine:
         if not chats:
             return []
         settings_key = settings.key()
-        groups: list[str] = []  # canonical chat JSON per position
-        indices: list[int] = []  # sample index k per position
-        occurrences: dict[str, int] = {}
-        for chat in chats:
-            group = _canonical(chat)
-            k = occurrences.get(group, 0)
-            occurrences[group] = k + 1
-            groups.append(group)
-            indices.append(k)
+        groups = [chat_key(chat) for chat in chats]  # canonical chat JSON per position
+        indices = sample_indices(chats)  # sample index k per position
         keys = [self._key(group, settings_key, k) for group, k in zip(groups, indices, strict=True)]
         stored = self._lookup(keys)
 
@@ -181,7 +174,7 @@ class CachedEngine:
         )
 
     def _loglik_key(self, chat: Chat, continuation: str) -> str:
-        record = json.dumps([self.model_id, "loglik", _canonical(chat), continuation], ensure_ascii=False)
+        record = json.dumps([self.model_id, "loglik", chat_key(chat), continuation], ensure_ascii=False)
         return hashlib.sha256(record.encode()).hexdigest()
 
     def _key(self, group: str, settings_key: dict, k: int) -> str:
@@ -210,7 +203,3 @@ def count_responses(path: str | Path) -> int:
     with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
         return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
-
-def _canonical(chat: Chat) -> str:
-    """The chat as canonical JSON: equal chats give equal strings, whatever their key order."""
-    return json.dumps(chat, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -8,7 +8,7 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 3. Rows are cut into chunks of ``batch_size``, short suffixes first (so padding stays small): each
    group fills whole chunks of its own, and the rows left over from all groups are pooled.
 4. A chunk of one group keeps its prefix once: the cache holds only each row's own tokens
-   (``[pads][suffix][generated]``), and attention (``_shared_prefix_attention``) scores all rows'
+   (``[pads][suffix][generated]``), and attention (``prefix.py``) scores all rows'
    queries against the single prefix copy in one matmul, then against each row's own keys. A mixed
    chunk lays each row out as ``[pads][its group's prefix][pads][suffix]`` and uses the model's own
    attention. Either way positions come from the real tokens' count, exactly as ``generate`` computes
@@ -19,215 +19,34 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    computed in prefill.
 6. Decoding runs our own loop: rows that finish (EOS, a stop string, or ``max_new_tokens``) are
    dropped from the batch and the cache, so they stop costing decode steps.
-7. On CPU, the model's linear layers run on weights packed once for oneDNN (the kernels that torch's
-   inductor uses for frozen CPU models), during the engine's calls only. They took ~3/4 of the
-   engine's time on W1; at decode shapes these kernels are 1.4-1.7x faster than the default ones
-   (2.6x on SmolLM2's 49k-row vocabulary projection). bfloat16 results are bit-identical; float32
-   ones differ in the last bits (sums in another order), like the shared-prefix attention.
+7. On CPU, the model's linear layers run on weights packed once for oneDNN, during the engine's calls
+   only (``packed.py``; measured speed-ups in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-import weakref
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, stable_hash
-
-
-@dataclass
-class _Prefix:
-    length: int
-    kv: list | None  # per layer (keys, values) of shape [1, heads, length, dim]; None when empty
-
-
-@dataclass
-class _Row:
-    index: int  # position in the caller's list
-    ids: list[int]  # full rendered prompt tokens
-    seed: int  # sampling seed of this row (unused when greedy)
-    prefix: _Prefix | None = None
-
-    @property
-    def suffix(self) -> list[int]:
-        return self.ids[self.prefix.length:]
-
-
-# Per layer (keys, values) of shape [kv_heads, length, dim]: the prefix shared by every row of the chunk
-# being generated, read by ``_shared_prefix_attention``.
-_shared_prefix_kv: ContextVar[list | None] = ContextVar("shared_prefix_kv", default=None)
-_SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
-# The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
-_SHARED_PREFIX_SOURCES = ("sdpa", "eager")
-# Its prefill holds all scores at once, where SDPA works in tiles; past 2**22 (16 MB in float32 per layer,
-# e.g. 32 rows x 9 heads x 50 queries x 250 keys) the extra memory traffic costs more than it saves.
-_SHARED_PREFIX_MAX_SCORES = 2**22
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of each row over [the shared prefix] + [its own tokens], the prefix read once for all rows.
-
-    Copying the prefix into every row (what a batched cache holds) makes each decode step read it once per
-    row; here its scores come from one matmul of all rows' queries against it. ``attention_mask`` covers
-    the row's own tokens only ([batch, 1, queries, own], True = attend); the prefix is visible to all.
-    """
-    prefix_keys, prefix_values = _shared_prefix_kv.get()[module.layer_idx]
-    batch, heads, queries, dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads * queries  # query vectors per key head and row (heads grouped as repeat_kv does)
-    scaling = dim ** -0.5 if scaling is None else scaling
-    q = query.reshape(batch, kv_heads, group, dim)
-    by_head = q.transpose(0, 1).reshape(kv_heads, batch * group, dim)
-    prefix_scores = torch.matmul(by_head, prefix_keys.transpose(1, 2)).view(kv_heads, batch, group, -1).transpose(0, 1)
-    own_scores = torch.matmul(q, key.transpose(2, 3))
-    mask = attention_mask[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, 1, group, -1)
-    own_scores = own_scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float() * scaling, dim=-1).to(query.dtype)
-    length = prefix_keys.shape[1]
-    prefix_probs = probs[..., :length].transpose(0, 1).reshape(kv_heads, batch * group, length)
-    out = torch.matmul(prefix_probs, prefix_values).view(kv_heads, batch, group, dim).transpose(0, 1)
-    out = out + torch.matmul(probs[..., length:], value)
-    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
-
-
-@contextmanager
-def _attending_to(model, prefix: _Prefix | None):
-    """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None)."""
-    if prefix is None:
-        yield
-        return
-    previous = model.config._attn_implementation
-    token = _shared_prefix_kv.set([(k[0], v[0]) for k, v in prefix.kv])
-    model.config._attn_implementation = _SHARED_PREFIX_ATTENTION
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
-        _shared_prefix_kv.reset(token)
-
-
-# Packing copies the weights; a model whose linear layers hold more than this is left as it is.
-_PACKED_LINEARS_MAX_BYTES = 4 * 2**30
-# Per model, its packed linear weights (shared by every engine on that model; gone with the model).
-_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def packed_linear_weights(model) -> dict:
-    """{Linear module: its weight packed for oneDNN} for a float CPU model, else {} (not on CPU, no oneDNN,
-    over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing or disagrees)."""
-    if model in _packed_weights:
-        return _packed_weights[model]
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear  # subclasses: quantized layers
-               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
-    packed = {}
-    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if linears and torch.backends.mkldnn.is_available() and size <= _PACKED_LINEARS_MAX_BYTES:
-        try:
-            with torch.inference_mode():
-                packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in linears}
-                probe = linears[0]
-                # Its own generator: building an engine must not move the global random state.
-                x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype,
-                                generator=torch.Generator().manual_seed(0))
-                expected = torch.nn.functional.linear(x, probe.weight, probe.bias).float()
-                agree = torch.allclose(_packed_linear(x, packed[probe], probe.bias).float(), expected,
-                                       rtol=1e-2, atol=1e-3)
-        except (AttributeError, RuntimeError):  # an op this torch build lacks or cannot run
-            agree = False
-        packed = packed if agree else {}
-    _packed_weights[model] = packed
-    return packed
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@contextmanager
-def _on_packed_weights(packed: dict):
-    """Within the block, each packed Linear module computes with its packed weight (its forward shadowed)."""
-    for module, weight in packed.items():
-        module.forward = partial(_packed_linear, weight=weight, bias=module.bias)
-    try:
-        yield
-    finally:
-        for module in packed:
-            vars(module).pop("forward", None)  # the class's forward again
-
-
-class _BufferLayer(DynamicLayer):
-    """One layer's keys and values in buffers allocated once per chunk: a decode step writes its token
-    in place, where the default layer concatenates (copying the whole cache at every step)."""
-
-    def __init__(self, keys, values, length: int, capacity: int):
-        super().__init__()
-        self.buffers = (keys, values)
-        self.length = length
-        self.capacity = capacity
-        if keys is not None:
-            self._set_views()
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
-        self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
-        self._set_views()
-
-    def _set_views(self) -> None:
-        keys, values = self.buffers
-        self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values = keys[:, :, :self.length], values[:, :, :self.length]
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = self.buffers
-        end = self.length + key_states.shape[-2]
-        keys[:, :, self.length:end] = key_states
-        values[:, :, self.length:end] = value_states
-        self.length = end
-        self._set_views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.buffers = tuple(buffer[indices] for buffer in self.buffers)
-            self._set_views()
-
-
-def split_on_oom(engine, chunk: list, run: Callable[[list], list], shrink_batch: bool = False) -> list:
-    """``run(chunk)``; on CUDA out-of-memory, run the two halves and join their results (with
-    ``shrink_batch``, later chunks also get the halved batch size). Rows never depend on their batch-mates
-    (per-row generators for sampling), so a split changes nothing but speed."""
-    try:
-        return run(chunk)
-    except torch.cuda.OutOfMemoryError:
-        if len(chunk) == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        engine.stats.oom_retries += 1
-        half = len(chunk) // 2
-        if shrink_batch:
-            engine.batch_size = max(1, half)
-        return (split_on_oom(engine, chunk[:half], run, shrink_batch)
-                + split_on_oom(engine, chunk[half:], run, shrink_batch))
+from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_indices, stable_hash
+from .batching import split_on_oom
+from .loglik import loglikelihood
+from .packed import on_packed_weights, packed_linear_weights
+from .prefix import (
+    SHARED_PREFIX_MAX_SCORES,
+    SHARED_PREFIX_SOURCES,
+    BufferLayer,
+    Prefix,
+    Row,
+    attending_to,
+    common_prefix_len,
+)
 
 
 class HFEngine:
@@ -278,13 +97,10 @@ class HFEngine:
                      desc: str | None = None) -> list[list[int]]:
         """The generated token ids of each chat (EOS left out; a stop string's tokens kept)."""
         started = time.perf_counter()
-        occurrences: dict[str, int] = {}
         rows, groups = [], {}
-        for i, chat in enumerate(chats):
+        for i, (chat, k) in enumerate(zip(chats, sample_indices(chats), strict=True)):
             text = self.render(chat)
-            k = occurrences.get(text, 0)
-            occurrences[text] = k + 1
-            row = _Row(i, self.encode(text), stable_hash(settings.seed, text, k))
+            row = Row(i, self.encode(text), stable_hash(settings.seed, text, k))
             rows.append(row)
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
             groups.setdefault(system, []).append(row)
@@ -292,9 +108,9 @@ class HFEngine:
         outputs: list[list[int]] = [[] for _ in rows]
         bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
                    disable=not self.progress or None, leave=False)
-        with torch.inference_mode(), _on_packed_weights(self.packed):
+        with torch.inference_mode(), on_packed_weights(self.packed):
             for group in groups.values():
-                prefix = self._prefill_prefix(group)
+                prefix = self.prefill_prefix(group)
                 for row in group:
                     row.prefix = prefix
             for chunk in self._chunks(list(groups.values()) if self.prefix_reuse else [rows]):
@@ -309,21 +125,21 @@ class HFEngine:
         return outputs
 
     # ---- internals -------------------------------------------------------------------------
-    def _prefill_prefix(self, group: list[_Row]) -> _Prefix:
+    def prefill_prefix(self, group: list[Row]) -> Prefix:
         """KV of the group's common token prefix (batch 1); empty when reuse is off."""
         length = common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
         # Every row needs at least one token of its own to produce its first logits.
         length = min([length] + [len(r.ids) - 1 for r in group])
         if length <= 0:
-            return _Prefix(0, None)
+            return Prefix(0, None)
         ids = torch.tensor([group[0].ids[:length]], device=self.model.device)
         cache = DynamicCache(config=self.model.config)
         # logits_to_keep=1: the prefix's logits are never read, and the vocabulary projection is a fifth of the work.
         self.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
         self.stats.prefill_tokens += length
-        return _Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
+        return Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _chunks(self, groups: list[list[_Row]]) -> list[list[_Row]]:
+    def _chunks(self, groups: list[list[Row]]) -> list[list[Row]]:
         """Rows cut into chunks of ``batch_size``, short suffixes first (so padding stays small). Each group
         fills whole chunks of its own, whose prefix attention then reads once for all rows; the rows left
         over from every group are pooled, so a chunk is never smaller than it must be."""
@@ -336,26 +152,26 @@ class HFEngine:
         rest.sort(key=lambda r: len(r.suffix))
         return chunks + [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
 
-    def _shared_prefix(self, chunk: list[_Row], width: int) -> _Prefix | None:
+    def _shared_prefix(self, chunk: list[Row], width: int) -> Prefix | None:
         """The chunk's one prefix when every row has it and attention can read it once for all rows."""
         prefix = chunk[0].prefix
         if prefix.kv is None or any(r.prefix is not prefix for r in chunk):
             return None
-        if self._attention_source not in _SHARED_PREFIX_SOURCES:
+        if self._attention_source not in SHARED_PREFIX_SOURCES:
             return None
         heads = self.model.config.get_text_config().num_attention_heads
-        if len(chunk) * heads * width * (prefix.length + width) > _SHARED_PREFIX_MAX_SCORES:
+        if len(chunk) * heads * width * (prefix.length + width) > SHARED_PREFIX_MAX_SCORES:
             return None
         return prefix
 
-    def _chunk_cache(self, chunk: list[_Row], width: int, capacity: int, shared: _Prefix | None) -> DynamicCache:
+    def _chunk_cache(self, chunk: list[Row], width: int, capacity: int, shared: Prefix | None) -> DynamicCache:
         """A cache of ``capacity`` slots per row. With a ``shared`` prefix it holds only the rows' own tokens;
         otherwise its first ``width`` slots hold each row's group prefix, right-aligned (the slots left of a
         shorter prefix are masked out, but must hold finite numbers)."""
         cache = DynamicCache(config=self.model.config)
         template = None if shared is not None else next((r.prefix.kv for r in chunk if r.prefix.kv), None)
         if template is None:
-            cache.layers = [_BufferLayer(None, None, 0, capacity) for _ in cache.layers]
+            cache.layers = [BufferLayer(None, None, 0, capacity) for _ in cache.layers]
             return cache
         layers = []
         for layer_index, (k0, v0) in enumerate(template):
@@ -366,11 +182,11 @@ class HFEngine:
                     k, v = row.prefix.kv[layer_index]
                     keys[b, :, width - row.prefix.length:width] = k[0]
                     values[b, :, width - row.prefix.length:width] = v[0]
-            layers.append(_BufferLayer(keys, values, width, capacity))
+            layers.append(BufferLayer(keys, values, width, capacity))
         cache.layers = layers
         return cache
 
-    def _generate_chunk(self, chunk: list[_Row], settings: GenerationSettings):
+    def _generate_chunk(self, chunk: list[Row], settings: GenerationSettings):
         """Yields (row, generated ids) for every row of the chunk, in any order."""
         device = self.model.device
         batch = len(chunk)
@@ -411,7 +227,7 @@ class HFEngine:
             causal = torch.ones((queries, end), dtype=torch.bool, device=device).tril(diagonal=end - queries)
             return valid[:, None, None, :end] & causal
 
-        with _attending_to(self.model, shared):
+        with attending_to(self.model, shared):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
                                 **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
             for _step in range(settings.max_new_tokens):
@@ -462,8 +278,6 @@ class HFEngine:
     def loglikelihood(self, requests: Sequence, desc: str | None = None) -> list[float]:
         """For each (chat, continuation): the summed log-probability of the continuation's tokens after the
         chat rendered with the generation prompt; rows batched, the shared prefix's KV computed once."""
-        from .loglik import loglikelihood
-
         return loglikelihood(self, requests, desc)
 
 
@@ -473,17 +287,6 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs[outside] = 0.0
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return filtered / filtered.sum(-1, keepdim=True)
-
-
-def common_prefix_len(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for seq in sequences[1:]:
-        n = 0
-        while n < length and seq[n] == first[n]:
-            n += 1
-        length = n
-    return length
 
 
 def _cache_argument(model) -> str:

@@ -13,6 +13,7 @@ from .base import (  # noqa: F401 (re-export)
     GenerationSettings,
     LoglikRequest,
     cut_at_stop,
+    sample_indices,
     stable_hash,
 )
 
@@ -45,12 +46,8 @@ class FakeEngine:
     def generate(self, chats: Sequence[Chat], settings: GenerationSettings, desc: str | None = None) -> list[str]:
         chats = list(chats)
         self.calls.append((chats, settings))
-        seen: dict[str, int] = {}
         outputs = []
-        for chat in chats:
-            key = repr(chat)
-            k = seen.get(key, 0)
-            seen[key] = k + 1
+        for chat, k in zip(chats, sample_indices(chats), strict=True):
             text = self.responder(chat, settings, k)
             if settings.stop:
                 text = cut_at_stop(text, settings.stop)

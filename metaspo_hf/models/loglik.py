@@ -11,7 +11,7 @@ How a call is computed (``HFEngine.loglikelihood``):
 1. Requests are grouped by rendered context: each distinct context is one *row* holding its distinct
    continuations (typically the options of one question). Repeated requests are computed once.
 2. Rows sharing a system prompt form a group, as in generation; the group's common token prefix is
-   run through the model once (``HFEngine._prefill_prefix``), stopping at least one token before the
+   run through the model once (``HFEngine.prefill_prefix``), stopping at least one token before the
    end of every context (the last context token's logits predict each continuation's first token).
 3. A row is packed as ``[pads][its own context tokens][its continuations' tokens]``, the continuations
    laid out as a token trie (a prefix they share, such as ``<answer>``, is computed once): each token
@@ -19,7 +19,7 @@ How a call is computed (``HFEngine.loglikelihood``):
    position is the context's length plus its depth. One forward pass scores every option of a question
    while computing the question's tokens once, not once per option.
 4. A chunk holds rows of one group, as many as fit ``batch_size`` and a bound on the attention scores
-   held at once; attention reads the prefix once for all rows (``_shared_prefix_attention``), and
+   held at once; attention reads the prefix once for all rows (``prefix.py``), and
    the vocabulary projection runs on the last positions only (where the continuations are).
 5. Without prefix reuse (the engine's ``prefix_reuse`` off, a cache with sliding-window layers, a group
    with no common prefix) or with another attention implementation than sdpa/eager (e.g. flash
@@ -37,7 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import LoglikRequest
-from .engine import _SHARED_PREFIX_SOURCES, _attending_to, _on_packed_weights, _Prefix, _Row, split_on_oom
+from .batching import split_on_oom
+from .packed import on_packed_weights
+from .prefix import SHARED_PREFIX_SOURCES, Prefix, Row, attending_to
 
 # Attention scores one packed chunk may hold at once (rows x heads x queries x keys): 64 MB per layer in
 # float32. Scores of one whole row are always allowed, however long it is.
@@ -48,7 +50,7 @@ _MAX_SCORES = 2**24
 class _Context:
     """One distinct rendered context and the distinct continuations asked after it."""
 
-    row: _Row  # ids: the rendered context's tokens
+    row: Row  # ids: the rendered context's tokens
     continuations: list[list[int]] = field(default_factory=list)
     texts: dict[str, int] = field(default_factory=dict)  # continuation text -> its index
     results: list[float] = field(default_factory=list)
@@ -96,7 +98,7 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
         text = engine.render(chat)
         context = contexts.get(text)
         if context is None:
-            context = contexts[text] = _Context(_Row(len(contexts), engine.encode(text), 0))
+            context = contexts[text] = _Context(Row(len(contexts), engine.encode(text), 0))
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
             groups.setdefault(system, []).append(context)
         k = context.texts.get(continuation)
@@ -104,12 +106,12 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
             k = context.add(continuation, engine.encode(continuation) if continuation else [])
         where.append((context, k))
 
-    packed = engine.prefix_reuse and engine._attention_source in _SHARED_PREFIX_SOURCES
+    packed = engine.prefix_reuse and engine._attention_source in SHARED_PREFIX_SOURCES
     bar = tqdm(total=len(contexts), desc=desc or f"loglik ({engine.name})", unit="context",
                disable=not engine.progress or None, leave=False)
-    with torch.inference_mode(), _on_packed_weights(engine.packed):
+    with torch.inference_mode(), on_packed_weights(engine.packed):
         for group in groups.values():
-            prefix = engine._prefill_prefix([c.row for c in group]) if packed else _Prefix(0, None)
+            prefix = engine.prefill_prefix([c.row for c in group]) if packed else Prefix(0, None)
             for context in group:
                 context.row.prefix = prefix
             if prefix.kv is not None:
@@ -130,7 +132,7 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
     return [context.results[k] for context, k in where]
 
 
-def _packed_chunks(engine, group: list[_Context], prefix: _Prefix) -> list[list[_Context]]:
+def _packed_chunks(engine, group: list[_Context], prefix: Prefix) -> list[list[_Context]]:
     """Rows by packed length (short first, so padding stays small), cut at ``batch_size`` rows or when the
     attention scores of the chunk would pass ``_MAX_SCORES``."""
     heads = engine.model.config.get_text_config().num_attention_heads
@@ -145,7 +147,7 @@ def _packed_chunks(engine, group: list[_Context], prefix: _Prefix) -> list[list[
     return chunks
 
 
-def _score_packed(engine, chunk: list[_Context], prefix: _Prefix) -> None:
+def _score_packed(engine, chunk: list[_Context], prefix: Prefix) -> None:
     """One forward pass for the chunk's rows, each packed with all its continuations on top of ``prefix``."""
     batch = len(chunk)
     lengths = [c.packed_length for c in chunk]
@@ -182,7 +184,7 @@ def _score_packed(engine, chunk: list[_Context], prefix: _Prefix) -> None:
             targets += context.continuations[k]
             owners += [(context, k)] * len(path)
     device = engine.model.device
-    with _attending_to(engine.model, prefix):
+    with attending_to(engine.model, prefix):
         logits = engine.model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
                               position_ids=positions.to(device), use_cache=False, logits_to_keep=tail).logits
     engine.stats.prefill_tokens += sum(lengths)  # counted once the pass succeeded (not again on an OOM retry)

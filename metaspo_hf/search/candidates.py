@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from .scorer import WrongExample
+from ..scoring import WrongExample
 
 
 @dataclass

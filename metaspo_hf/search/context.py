@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 
 from ..errors import MetaspoError
 from ..models.base import LM, stable_hash
+from ..scoring import Scorer, Trial
 from ..tasks.task import Example, Task
-from .budget import SearchBudget
 from .candidates import Node, NodeLog
+from .config import SearchConfig
 from .racing import Rule, failures_first, race
-from .scorer import Scorer, Trial
 from .writer import PromptWriter
 
 EventSink = Callable[[dict], None]
@@ -24,17 +24,18 @@ class SearchContext:
         tasks: Sequence[Task],
         base: LM,
         optimizer: LM,
-        budget: SearchBudget,
+        config: SearchConfig,
         seed: int,
         on_event: EventSink | None = None,
+        dedupe: bool = True,
     ):
         self.method = method
         self.tasks = _by_name(tasks)
-        self.budget = budget
+        self.config = config
         self.seed = seed
         self.on_event = on_event
-        self.scorer = Scorer(base)
-        self.writer = PromptWriter(optimizer, seed, method, budget.max_parse_retries, budget.max_prompt_chars)
+        self.scorer = Scorer(base, dedupe=dedupe)
+        self.writer = PromptWriter(optimizer, seed, method, config.max_parse_retries, config.max_prompt_chars)
         self.nodes = NodeLog()
         self.racing_skipped = 0  # training questions racing left unscored (generations not made)
         self.updates = 0  # how many times the kept prompts were recorded (``keep``)
@@ -46,7 +47,7 @@ class SearchContext:
         return random.Random(stable_hash(self.seed, self.method, *parts))
 
     def train_examples(self, task: str) -> list[Example]:
-        return self.tasks[task].train[: self.budget.train_size]
+        return self.tasks[task].train[: self.config.train_size]
 
     def score(self, nodes: list[Node], iteration: int, step: str) -> None:
         """Score every node on its task's training questions, all in one base batch."""
@@ -59,12 +60,12 @@ class SearchContext:
             node.train_score, node.wrong = result.mean, result.wrong
 
     def race(self, nodes: list[Node], rule: Rule, iteration: int, step: str) -> None:
-        """Score candidate nodes, racing them when the budget asks for it (``search/racing.py``).
+        """Score candidate nodes, racing them when the config asks for it (``search/racing.py``).
 
         Nodes whose outcome ``rule`` decides early keep ``train_score = None``; the others are scored
         exactly as ``score`` would. Without racing, or with a sampled base model (whose answers depend
         on the batch they are drawn in), this is ``score``: one batch."""
-        if not (self.budget.racing and self.scorer.base.settings.greedy) or not nodes:
+        if not (self.config.racing and self.scorer.base.settings.greedy) or not nodes:
             self.score(nodes, iteration, step)
             return
         by_id = self.nodes.nodes
@@ -76,7 +77,7 @@ class SearchContext:
             order=lambda n: failures_first(
                 n, by_id[n.parent_id] if n.parent_id is not None else None, len(self.train_examples(n.task))
             ),
-            rounds=self.budget.racing_rounds,
+            rounds=self.config.racing_rounds,
             rule=rule,
             desc=f"{self.method} iteration {iteration} {step}: scoring",
         )

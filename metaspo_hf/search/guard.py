@@ -11,22 +11,22 @@ prompt the search kept — and keeps the searched prompt only when its mean pair
 
 from __future__ import annotations
 
+from ..scoring import Trial
 from ..stats import paired_difference
 from .context import SearchContext
-from .scorer import Trial
 
 INITIAL, SEARCHED = "initial", "searched"
 
 
 def validation_examples(ctx: SearchContext, task: str) -> list:
-    start = ctx.budget.train_size
-    return ctx.tasks[task].train[start : start + ctx.budget.validation_size]
+    start = ctx.config.train_size
+    return ctx.tasks[task].train[start : start + ctx.config.validation_size]
 
 
 def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[str, list[str]]) -> dict:
     """The guard's decision on ``system_prompt`` (the search's result) with the kept ``user_prompts``:
     {"kept", "difference" (stats.paired_difference of searched minus initial), "margin"}."""
-    initial = ctx.budget.initial_system_prompt
+    initial = ctx.config.initial_system_prompt
     rows, trials = [], []
     for name, task in ctx.tasks.items():
         # The initial user prompt and the search's best one: the pairs a user of either prompt would run.
@@ -43,9 +43,9 @@ def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[
         for q, score in enumerate(result.scores)
     ]
     difference = paired_difference(items, SEARCHED, INITIAL, seed=ctx.seed)
-    kept = difference["overall"]["mean"] > ctx.budget.guard_margin
-    decision = {"kept": kept, "margin": ctx.budget.guard_margin, "difference": difference}
+    kept = difference["overall"]["mean"] > ctx.config.guard_margin
+    decision = {"kept": kept, "margin": ctx.config.guard_margin, "difference": difference}
     overall = difference["overall"]
-    ctx.emit(ctx.budget.iterations, "guard", kept=kept, difference=round(overall["mean"], 4),
+    ctx.emit(ctx.config.iterations, "guard", kept=kept, difference=round(overall["mean"], 4),
              low=round(overall["low"], 4), high=round(overall["high"], 4), items=overall["items"])
     return decision

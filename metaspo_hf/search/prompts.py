@@ -10,8 +10,8 @@ from importlib import resources
 from string import Template
 
 from ..models.base import Chat, make_chat
+from ..scoring import WrongExample
 from ..tasks.task import Example
-from .scorer import WrongExample
 
 # Long questions and rambling responses are cut so that many failures fit in a small model's context.
 MAX_QUESTION_CHARS = 1500

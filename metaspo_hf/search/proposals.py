@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..scoring import WrongExample
 from ..tasks.task import Example
 from . import prompts
 from .candidates import BilevelState, Node
 from .context import SearchContext
 from .parsing import shared_runs
-from .scorer import WrongExample
 
 # (ctx, parents, candidates per parent, iteration) -> per parent, its candidates (None = unusable).
 ProposeUser = Callable[[SearchContext, list[Node], int, int], list[list[str | None]]]
@@ -27,7 +27,7 @@ def rewrite_user_prompts(
 ) -> list[list[str | None]]:
     """Failures of each parent -> analysis -> rewritten user prompt, ``count`` times per parent."""
     jobs = [
-        (parent, _sample(ctx, parent.wrong, ctx.budget.wrong_examples, iteration, "user", parent.id, j))
+        (parent, _sample(ctx, parent.wrong, ctx.config.wrong_examples, iteration, "user", parent.id, j))
         for parent in parents
         for j in range(count)
     ]
@@ -68,7 +68,7 @@ def gather_failures(
     failures = [
         (task, w)
         for task, beam in state.beams.items()
-        for w in rng.sample(beam.best.wrong, min(ctx.budget.wrong_examples_per_task, len(beam.best.wrong)))
+        for w in rng.sample(beam.best.wrong, min(ctx.config.wrong_examples_per_task, len(beam.best.wrong)))
     ]
     rng.shuffle(failures)
     return failures
@@ -78,7 +78,7 @@ def ape_user_prompts(
     ctx: SearchContext, parents: list[Node], count: int, iteration: int
 ) -> list[list[str | None]]:
     """User prompts written from input/output demos of each parent's task (the parent text is not shown)."""
-    jobs = [(p, _demos(ctx, p.task, ctx.budget.ape_demos, iteration, "user", p.id, j))
+    jobs = [(p, _demos(ctx, p.task, ctx.config.ape_demos, iteration, "user", p.id, j))
             for p in parents for j in range(count)]
     written = ctx.writer.prompts([prompts.ape_user(demos) for _, demos in jobs], "user", iteration, "user_ape",
                                  shown=[[ex.question for ex in demos] for _, demos in jobs],
@@ -93,7 +93,7 @@ def ape_system_prompts(
     chats, shown = [], []
     for j in range(count):
         demos = [
-            ex for task in ctx.tasks for ex in _demos(ctx, task, ctx.budget.ape_demos_per_task, iteration, j)
+            ex for task in ctx.tasks for ex in _demos(ctx, task, ctx.config.ape_demos_per_task, iteration, j)
         ]
         ctx.rng(iteration, "mix", j).shuffle(demos)
         chats.append(prompts.ape_system(demos))

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import fmean
 
+from ..scoring import Scorer, Trial, WrongExample
 from ..tasks.task import Example, Task
 from .candidates import Beam, Node
-from .scorer import Scorer, Trial, WrongExample
 
 # rule(lower bounds, upper bounds) -> positions of the nodes whose outcome is decided (they may stop).
 Rule = Callable[[list[float], list[float]], Iterable[int]]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import MetaspoError, did_you_mean
-
-if TYPE_CHECKING:
-    from ..tasks.task import Task
-    from .context import SearchContext
 
 
 @dataclass
@@ -25,7 +20,9 @@ class SearchOutcome:
     history: list[dict]
 
 
-Method = Callable[["SearchContext", "list[Task]"], SearchOutcome]
+# A method: (SearchContext, the meta-train tasks) -> SearchOutcome. Typed loosely: the context imports this
+# module's configuration through search/config.py, and a typed import back would close a cycle.
+Method = Callable[..., SearchOutcome]
 
 
 @dataclass(frozen=True)

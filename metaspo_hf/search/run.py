@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from ..errors import MetaspoError
 from ..models.base import LM
 from ..tasks.task import Task
-from .budget import SearchBudget
+from .config import SearchConfig
 from .context import EventSink, SearchContext
 from .guard import validation_examples, validation_guard
 from .registry import get_method
@@ -27,17 +27,11 @@ class SearchResult:
     nodes: list[dict]
     # optimizer_calls, optimizer_batches, parse_retries, parse_failures, base_generations, base_batches.
     counts: dict
-    # The validation guard's decision (search/guard.py), when the budget asks for one and the search
+    # The validation guard's decision (search/guard.py), when the config asks for one and the search
     # returned a new system prompt; when it was not kept, ``system_prompt`` is the initial one.
     guard: dict | None = None
     # The searched system prompt the guard turned down.
     rejected_system_prompt: str | None = None
-
-    def reference_result(self) -> dict:
-        """The paper code's result shape."""
-        from ..reference_files import reference_result
-
-        return reference_result(self.system_prompt, self.nodes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,22 +42,25 @@ def run_search(
     tasks: Sequence[Task],
     base: LM,
     optimizer: LM,
-    budget: SearchBudget,
+    config: SearchConfig,
     seed: int,
     on_event: EventSink | None = None,
+    dedupe: bool = True,
 ) -> SearchResult:
-    """Run ``method_name`` on ``tasks``; a deterministic function of its arguments and the LM outputs."""
+    """Run ``method_name`` on ``tasks``; a deterministic function of its arguments and the LM outputs.
+
+    ``dedupe=False`` scores every copy of identical greedy chats (the benchmark's reference way)."""
     method = get_method(method_name)
-    ctx = SearchContext(method_name, tasks, base, optimizer, budget, seed, on_event)
-    guarded = budget.guard and method.optimizes_system
+    ctx = SearchContext(method_name, tasks, base, optimizer, config, seed, on_event, dedupe)
+    guarded = config.guard and method.optimizes_system
     if guarded:
         check_validation_split(ctx)
     outcome = method.run(ctx, list(tasks))
     system_prompt, guard, rejected = outcome.system_prompt, None, None
-    if guarded and system_prompt != budget.initial_system_prompt:
+    if guarded and system_prompt != config.initial_system_prompt:
         guard = validation_guard(ctx, system_prompt, outcome.user_prompts)
         if not guard["kept"]:
-            system_prompt, rejected = budget.initial_system_prompt, system_prompt
+            system_prompt, rejected = config.initial_system_prompt, system_prompt
     return SearchResult(
         method_name,
         system_prompt,
@@ -80,8 +77,8 @@ def check_validation_split(ctx: SearchContext) -> None:
     """Before any work: every task has ``validation_size`` questions after its ``train_size`` ones."""
     for name in ctx.tasks:
         have = len(validation_examples(ctx, name))
-        if have < ctx.budget.validation_size:
+        if have < ctx.config.validation_size:
             raise MetaspoError(
                 f"task {name!r} has {have} training questions left for the validation guard after the "
-                f"{ctx.budget.train_size} the search uses; search.validation_size asks for {ctx.budget.validation_size}",
+                f"{ctx.config.train_size} the search uses; search.validation_size asks for {ctx.config.validation_size}",
                 hint="lower search.validation_size or search.train_size, or pick a larger task")

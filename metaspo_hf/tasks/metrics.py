@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .extract import (
     extract_choice,
@@ -32,8 +32,19 @@ from .extract import (
     parse_number,
 )
 
-if TYPE_CHECKING:
-    from .task import Example, Task
+
+# What scoring reads of a task and an example (task.py's Task and Example; task.py imports this module).
+class Task(Protocol):
+    name: str
+    answer_kind: str
+    labels: tuple[str, ...]
+    meta: dict
+
+
+class Example(Protocol):
+    answers: tuple[str, ...]
+    options: tuple[str, ...]
+
 
 OPEN_METRICS = ("contains", "exact", "f1")
 # contains-match: binary like the other kinds, and fair to verbose small models (see the module doc).

@@ -73,11 +73,6 @@ class Suite:
     meta_test: list[Task]
     description: str = ""
 
-    @property
-    def domains(self) -> list[str]:
-        """The domains of the suite's tasks, in order of first appearance."""
-        return list(dict.fromkeys(task.domain for task in self.meta_train + self.meta_test))
-
 
 @dataclass
 class SuiteDefinition:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .metrics import score_response
+
 QUESTION_SLOT = "{question}"
 
 
@@ -43,6 +45,4 @@ class Task:
 
     def score(self, response: str, example: Example) -> float:
         """Score in [0, 1] of one response against one example's gold answers."""
-        from .metrics import score_response
-
         return score_response(self, response, example)

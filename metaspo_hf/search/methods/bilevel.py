@@ -20,20 +20,20 @@ from ..registry import SearchOutcome, register
 @register("metaspo", optimizes_system=True)
 def metaspo(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     """Both loops; candidates are rewrites that answer an analysis of failures."""
-    return bilevel(ctx, tasks, rewrite_user_prompts, rewrite_system_prompts, ctx.budget.system_candidates)
+    return bilevel(ctx, tasks, rewrite_user_prompts, rewrite_system_prompts, ctx.config.system_candidates)
 
 
 @register("outer_only", optimizes_system=True)
 def outer_only(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     """No inner loop: its optimizer calls go to extra system candidates, so the total matches metaspo."""
-    candidates = ctx.budget.system_candidates + len(tasks) * ctx.budget.user_candidates
+    candidates = ctx.config.system_candidates + len(tasks) * ctx.config.user_candidates
     return bilevel(ctx, tasks, None, rewrite_system_prompts, candidates)
 
 
 @register("metaspo_ape", optimizes_system=True)
 def metaspo_ape(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     """Both loops; candidates are written from input/output demos instead of failures."""
-    return bilevel(ctx, tasks, ape_user_prompts, ape_system_prompts, ctx.budget.system_candidates)
+    return bilevel(ctx, tasks, ape_user_prompts, ape_system_prompts, ctx.config.system_candidates)
 
 
 def bilevel(
@@ -47,7 +47,7 @@ def bilevel(
     state = initial_state(ctx, tasks)
     ctx.keep(state.nodes())
     ctx.record(0, state.score, None, False)
-    for iteration in range(1, ctx.budget.iterations + 1):
+    for iteration in range(1, ctx.config.iterations + 1):
         if propose_user:
             inner_step(ctx, state, propose_user, iteration)
             ctx.keep(state.nodes())
@@ -58,10 +58,10 @@ def bilevel(
 
 
 def initial_state(ctx: SearchContext, tasks: list[Task]) -> BilevelState:
-    system_prompt = ctx.budget.initial_system_prompt
+    system_prompt = ctx.config.initial_system_prompt
     nodes = [ctx.nodes.new(t.name, system_prompt, t.initial_prompt, 0, "initial") for t in tasks]
     ctx.score(nodes, 0, "init")
-    state = BilevelState(system_prompt, {n.task: Beam(ctx.budget.top_k, [n]) for n in nodes})
+    state = BilevelState(system_prompt, {n.task: Beam(ctx.config.top_k, [n]) for n in nodes})
     ctx.emit(0, "init", score=state.score)
     return state
 
@@ -69,7 +69,7 @@ def initial_state(ctx: SearchContext, tasks: list[Task]) -> BilevelState:
 def inner_step(ctx: SearchContext, state: BilevelState, propose_user: ProposeUser, iteration: int) -> None:
     """Each task's best user prompt -> ``user_candidates`` new ones; each beam keeps its ``top_k`` best."""
     parents = [beam.best for beam in state.beams.values()]
-    proposals = propose_user(ctx, parents, ctx.budget.user_candidates, iteration)
+    proposals = propose_user(ctx, parents, ctx.config.user_candidates, iteration)
     children = [
         [ctx.nodes.new(p.task, p.system_prompt, text, iteration, "user", parent=p) for text in texts if text]
         for p, texts in zip(parents, proposals, strict=True)

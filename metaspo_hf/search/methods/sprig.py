@@ -47,25 +47,25 @@ class Edit:
 
 @register("sprig", optimizes_system=True)
 def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
-    start = _genome(ctx, split(ctx.budget.initial_system_prompt), None, 0)
+    start = _genome(ctx, split(ctx.config.initial_system_prompt), None, 0)
     ctx.score(start.nodes, 0, "init")
     population = [start]
     ctx.keep(start.nodes)
     ctx.record(0, start.score, None, False)
     ctx.emit(0, "init", score=start.score)
-    # As many candidates per iteration as outer_only makes, so the two spend the same scoring budget.
-    count = ctx.budget.system_candidates + len(tasks) * ctx.budget.user_candidates
-    for iteration in range(1, ctx.budget.iterations + 1):
+    # As many candidates per iteration as outer_only makes, so the two spend the same scoring config.
+    count = ctx.config.system_candidates + len(tasks) * ctx.config.user_candidates
+    for iteration in range(1, ctx.config.iterations + 1):
         edits = [
             plan_edit(
-                ctx.rng(iteration, "edit", j), population, component_pool(), ctx.budget.sprig_max_components
+                ctx.rng(iteration, "edit", j), population, component_pool(), ctx.config.sprig_max_components
             )
             for j in range(count)
         ]
         candidates = _new_genomes(ctx, _rephrase(ctx, edits, iteration), population, iteration)
         ctx.score([n for g in candidates for n in g.nodes], iteration, "system")
         previous_best = population[0]
-        population = sorted(population + candidates, key=lambda g: -g.score)[: ctx.budget.top_k]
+        population = sorted(population + candidates, key=lambda g: -g.score)[: ctx.config.top_k]
         ctx.keep([n for g in population for n in g.nodes])
         best_candidate = max((g.score for g in candidates), default=None)
         adopted = population[0] is not previous_best

@@ -31,11 +31,11 @@ def ape_then_resample(
 
 
 def _single_system_search(ctx: SearchContext, tasks: list[Task], propose: ProposeUser) -> SearchOutcome:
-    system_prompt = ctx.budget.initial_system_prompt
+    system_prompt = ctx.config.initial_system_prompt
     starts = [ctx.nodes.new(t.name, system_prompt, t.initial_prompt, 0, "initial") for t in tasks]
-    budget = ctx.budget
+    config = ctx.config
     beams, _ = user_prompt_search(
-        ctx, starts, budget.iterations, budget.top_k, budget.user_candidates, propose
+        ctx, starts, config.iterations, config.top_k, config.user_candidates, propose
     )
     return SearchOutcome(
         system_prompt, {b.best.task: [n.user_prompt for n in b.nodes] for b in beams}, ctx.history

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_search_helpers import base_lm, make_task, optimizer_lm, question_index
+from fakes import base_lm, make_task, optimizer_lm, question_index
 
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.search import SearchBudget, run_search
+from metaspo_hf.search import SearchConfig, run_search
 
 INITIAL = "You are a helpful assistant."
 
@@ -21,7 +21,7 @@ def guarded_run(candidate: str, held_out_right: bool, guard: bool = True, margin
             return i % 2 == 0
         return i < 4 or held_out_right
 
-    budget = SearchBudget(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
+    budget = SearchConfig(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
                           racing=False, guard=guard, validation_size=4 if guard else 0, guard_margin=margin)
     events = []
     tasks = [make_task(f"t{i}", n_train=8) for i in range(2)]
@@ -67,7 +67,7 @@ def test_the_guard_never_scores_the_held_out_questions_during_the_search():
         seen.append((system, question_index(user)))
         return True
 
-    budget = SearchBudget(iterations=1, system_candidates=1, user_candidates=1, top_k=1, train_size=4,
+    budget = SearchConfig(iterations=1, system_candidates=1, user_candidates=1, top_k=1, train_size=4,
                           racing=False, guard=True, validation_size=4)
     run_search("metaspo", [make_task("t", n_train=8)], base_lm(correct), optimizer_lm(), budget, seed=1)
     # Every candidate ties the initial prompt at 1.0, so nothing is adopted and the guard has nothing to do.
@@ -75,7 +75,7 @@ def test_the_guard_never_scores_the_held_out_questions_during_the_search():
 
 
 def test_too_few_training_questions_for_the_guard_is_an_error_before_any_work():
-    budget = SearchBudget(train_size=4, guard=True, validation_size=8)
+    budget = SearchConfig(train_size=4, guard=True, validation_size=8)
     lm = base_lm(lambda s, u: True)
     with pytest.raises(MetaspoError, match="task 't' has 4 training questions left .*validation_size asks for 8"):
         run_search("metaspo", [make_task("t", n_train=8)], lm, optimizer_lm(), budget, seed=1)
@@ -90,4 +90,4 @@ def test_too_few_training_questions_for_the_guard_is_an_error_before_any_work():
 ])
 def test_bad_guard_settings_are_refused(fields, message):
     with pytest.raises(MetaspoError, match=message):
-        SearchBudget(**fields)
+        SearchConfig(**fields)

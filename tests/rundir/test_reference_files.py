@@ -14,7 +14,7 @@ from metaspo_hf.errors import MetaspoError
 from metaspo_hf.recipe import load_recipe
 from metaspo_hf.reference_files import read_fixed_user_prompts, read_system_prompt
 
-REFERENCE_CODE = Path(__file__).parent / "fixtures" / "reference_code"
+REFERENCE_CODE = Path(__file__).parent.parent / "fixtures" / "reference_code"
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_search_helpers import (
+from fakes import (
     base_lm,
     batch_sizes,
     is_analysis_request,
@@ -16,11 +16,13 @@ from test_search_helpers import (
 )
 
 from metaspo_hf.errors import MetaspoError
+from metaspo_hf.evaluation import EvaluationConfig
 from metaspo_hf.models.base import LM, GenerationSettings, make_chat
 from metaspo_hf.models.fake import FakeEngine
-from metaspo_hf.search import EvalBudget, SearchBudget, run_search
+from metaspo_hf.reference_files import reference_result
+from metaspo_hf.scoring import Scorer, Trial
+from metaspo_hf.search import SearchConfig, run_search
 from metaspo_hf.search.methods.sprig import component_pool
-from metaspo_hf.search.scorer import Scorer, Trial
 
 
 def half_right(system: str, user: str) -> bool:
@@ -42,7 +44,7 @@ def test_metaspo_makes_exactly_the_expected_calls(T, N, m, n, K, iters):
     base, optimizer = base_lm(half_right), optimizer_lm()
     # Racing off: these are the counts of scoring every candidate in full (one batch per step);
     # racing's own exact counts are pinned in test_search_racing.py.
-    budget = SearchBudget(
+    budget = SearchConfig(
         iterations=iters, system_candidates=n, user_candidates=m, top_k=K, train_size=N, racing=False
     )
     events = []
@@ -85,7 +87,7 @@ def adoption_run(seed: int = 1, racing: bool = True):
     def correct(system, user):
         return "GOOD" in system or ("BAD" not in system and half_right(system, user))
 
-    budget = SearchBudget(
+    budget = SearchConfig(
         iterations=2, system_candidates=3, user_candidates=1, top_k=2, train_size=4, racing=racing
     )
     return run_search(
@@ -127,7 +129,7 @@ def test_same_seed_gives_the_same_result_and_another_seed_does_not():
 
 def test_result_serializes_in_the_reference_shape():
     result = adoption_run(racing=False)
-    reference = json.loads(json.dumps(result.reference_result()))
+    reference = json.loads(json.dumps(reference_result(result.system_prompt, result.nodes)))
     assert reference["optimized_system_prompt"] == result.system_prompt
     # Per update (start, inner 1, outer 1, inner 2, outer 2), per task, the kept nodes best first.
     start, inner1, outer1, inner2, outer2 = reference["nodes"]
@@ -143,7 +145,7 @@ def test_result_serializes_in_the_reference_shape():
 
 def test_outer_only_spends_the_same_optimizer_calls_on_system_prompts_only():
     T, N, m, n, K, iters = SETTINGS[0]
-    budget = SearchBudget(iterations=iters, system_candidates=n, user_candidates=m, top_k=K, train_size=N)
+    budget = SearchConfig(iterations=iters, system_candidates=n, user_candidates=m, top_k=K, train_size=N)
     tasks = tasks_of(T, N)
     bilevel = run_search("metaspo", tasks, base_lm(half_right), optimizer_lm(), budget, seed=1)
     optimizer = optimizer_lm()
@@ -156,7 +158,7 @@ def test_outer_only_spends_the_same_optimizer_calls_on_system_prompts_only():
 def test_metaspo_ape_writes_candidates_from_demos_in_one_batch_per_loop():
     T, N, m, n, K, iters = SETTINGS[1]
     optimizer = optimizer_lm()
-    budget = SearchBudget(
+    budget = SearchConfig(
         iterations=iters,
         system_candidates=n,
         user_candidates=m,
@@ -183,7 +185,7 @@ def beam_sizes(iterations: int, m: int, K: int) -> list[int]:
 def test_protegi_expands_every_beam_prompt_with_a_fixed_system_prompt():
     T, N, m, K, iters = 2, 4, 2, 3, 3
     optimizer = optimizer_lm()
-    budget = SearchBudget(iterations=iters, user_candidates=m, top_k=K, train_size=N)
+    budget = SearchConfig(iterations=iters, user_candidates=m, top_k=K, train_size=N)
     result = run_search("protegi", tasks_of(T, N), base_lm(half_right), optimizer, budget, seed=1)
     parents = beam_sizes(iters, m, K)
     assert batch_sizes(optimizer) == [x for b in parents for x in (T * b * m, T * b * m)]
@@ -195,7 +197,7 @@ def test_protegi_expands_every_beam_prompt_with_a_fixed_system_prompt():
 def test_ape_writes_from_demos_first_then_paraphrases_the_beam():
     T, N, m, K, iters = 2, 4, 2, 2, 2
     optimizer = optimizer_lm()
-    budget = SearchBudget(iterations=iters, user_candidates=m, top_k=K, train_size=N, ape_demos=3)
+    budget = SearchConfig(iterations=iters, user_candidates=m, top_k=K, train_size=N, ape_demos=3)
     result = run_search("ape", tasks_of(T, N), base_lm(half_right), optimizer, budget, seed=1)
     (first, _), (second, _) = optimizer.engine.calls
     assert len(first) == T * m and all(turns(c)[1].count("Input:") == 3 for c in first)
@@ -213,7 +215,7 @@ def test_sprig_edits_pool_components_and_keeps_the_best_population():
     def correct(system, user):
         return question_index(user) <= sum(c in system for c in rewarded)
 
-    budget = SearchBudget(iterations=3, system_candidates=4, user_candidates=1, top_k=3, train_size=4)
+    budget = SearchConfig(iterations=3, system_candidates=4, user_candidates=1, top_k=3, train_size=4)
     tasks = tasks_of(2, 4)
     runs = [run_search("sprig", tasks, base_lm(correct), optimizer_lm(), budget, seed=5) for _ in range(2)]
     result = runs[0]
@@ -257,7 +259,7 @@ def test_unusable_rewrites_are_reasked_a_bounded_number_of_times_then_the_parent
     T, N, m, n, R, iters = 2, 4, 2, 3, 2, 2
     tasks = tasks_of(T, N)
     optimizer = garbage_optimizer()
-    budget = SearchBudget(
+    budget = SearchConfig(
         iterations=iters, system_candidates=n, user_candidates=m, train_size=N, max_parse_retries=R
     )
     result = run_search("metaspo", tasks, base_lm(half_right), optimizer, budget, seed=1)
@@ -275,7 +277,7 @@ def test_unusable_rewrites_are_reasked_a_bounded_number_of_times_then_the_parent
 def test_a_reask_with_the_format_reminder_can_recover_the_candidate():
     T, N, m, n = 2, 4, 2, 3
     optimizer = garbage_optimizer(fixed_by_reminder=True)
-    budget = SearchBudget(iterations=1, system_candidates=n, user_candidates=m, top_k=3, train_size=N)
+    budget = SearchConfig(iterations=1, system_candidates=n, user_candidates=m, top_k=3, train_size=N)
     result = run_search("metaspo", tasks_of(T, N), base_lm(half_right), optimizer, budget, seed=1)
     assert batch_sizes(optimizer) == [T * m, T * m, T * m, n, n, n]  # analysis, write, one re-ask each
     assert (result.counts["parse_retries"], result.counts["parse_failures"]) == (T * m + n, 0)
@@ -287,7 +289,7 @@ def test_a_reask_with_the_format_reminder_can_recover_the_candidate():
 def test_only_the_failed_rows_are_reasked():
     T, N, m, R = 2, 4, 3, 1
     optimizer = garbage_optimizer(failing_task="t0")
-    budget = SearchBudget(iterations=1, user_candidates=m, top_k=4, train_size=N, max_parse_retries=R)
+    budget = SearchConfig(iterations=1, user_candidates=m, top_k=4, train_size=N, max_parse_retries=R)
     result = run_search("protegi", tasks_of(T, N), base_lm(half_right), optimizer, budget, seed=1)
     assert batch_sizes(optimizer) == [T * m, T * m, m]
     assert len(result.user_prompts["t0"]) == 1 and len(result.user_prompts["t1"]) == 1 + m
@@ -295,14 +297,14 @@ def test_only_the_failed_rows_are_reasked():
 
 def test_zero_retries_means_no_reask():
     optimizer = garbage_optimizer()
-    budget = SearchBudget(iterations=1, user_candidates=2, train_size=4, max_parse_retries=0)
+    budget = SearchConfig(iterations=1, user_candidates=2, train_size=4, max_parse_retries=0)
     run_search("protegi", tasks_of(1, 4), base_lm(half_right), optimizer, budget, seed=1)
     assert batch_sizes(optimizer) == [2, 2]
 
 
 def test_unknown_method_names_the_closest_ones():
     with pytest.raises(MetaspoError) as error:
-        run_search("metapso", tasks_of(1, 2), base_lm(half_right), optimizer_lm(), SearchBudget(), seed=0)
+        run_search("metapso", tasks_of(1, 2), base_lm(half_right), optimizer_lm(), SearchConfig(), seed=0)
     assert "metapso" in error.value.message and "'metaspo'" in error.value.hint
 
 
@@ -317,16 +319,16 @@ def test_unknown_method_names_the_closest_ones():
 )
 def test_search_budget_names_the_bad_key(field, value, message):
     with pytest.raises(MetaspoError, match=message.replace("(", r"\(")):
-        SearchBudget(**{field: value})
+        SearchConfig(**{field: value})
 
 
 def test_eval_budget_checks_labels():
-    assert EvalBudget(compare=["none", "sprig"]).compare == ("none", "sprig")
+    assert EvaluationConfig(compare=["none", "sprig"]).compare == ("none", "sprig")
     with pytest.raises(MetaspoError) as error:
-        EvalBudget(compare=("none", "servise"))
+        EvaluationConfig(compare=("none", "servise"))
     assert "evaluation.compare" in error.value.message and "'service'" in error.value.hint
     with pytest.raises(MetaspoError, match="evaluation.beam must be >= 1"):
-        EvalBudget(beam=0)
+        EvaluationConfig(beam=0)
 
 
 def test_tasks_must_be_distinct_and_have_training_questions():
@@ -336,12 +338,12 @@ def test_tasks_must_be_distinct_and_have_training_questions():
             [make_task("a"), make_task("a")],
             base_lm(half_right),
             optimizer_lm(),
-            SearchBudget(),
+            SearchConfig(),
             0,
         )
     with pytest.raises(MetaspoError, match="no training examples"):
         run_search(
-            "metaspo", [make_task("a", n_train=0)], base_lm(half_right), optimizer_lm(), SearchBudget(), 0
+            "metaspo", [make_task("a", n_train=0)], base_lm(half_right), optimizer_lm(), SearchConfig(), 0
         )
 
 

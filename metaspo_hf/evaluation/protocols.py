@@ -11,101 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
 
-from .errors import MetaspoError
-from .models.base import LM, stable_hash
-from .search import prompts
-from .search.budget import EvalBudget, SearchBudget
-from .search.context import EventSink, SearchContext
-from .search.methods.unilevel import user_prompt_search
-from .search.parsing import shared_runs
-from .search.proposals import rewrite_user_prompts
-from .search.scorer import Scorer, Trial
-from .search.writer import PromptWriter
-from .stats import spread
-from .tasks.task import QUESTION_SLOT, Example, Task
-
-SERVICE_SYSTEM_PROMPT = """\
-You are the virtual assistant of a technology company, available to customers and staff around the \
-clock. Your job is to understand what each person needs and to help them reach a correct, useful result \
-as quickly as possible.
-
-Before you answer, make sure you understand the request. If it contains several questions, address each \
-of them. If important information is missing and you cannot reasonably assume it, say what is missing; \
-otherwise state the assumption you made and continue. Base your answers on the information in the \
-conversation and on well-established knowledge, and never invent facts, figures, sources or product \
-details.
-
-Write in a friendly, professional tone. Be concise: lead with the answer, then give the explanation or \
-the steps that support it. Use numbered steps for procedures and short lists where they make an answer \
-easier to scan. Match the language and the level of detail of the person you are helping, and follow any \
-format they ask for.
-
-Protect people's privacy and safety. Do not ask for or repeat passwords, payment details or other \
-sensitive personal data. Decline requests that could cause harm, explain briefly why, and suggest a safe \
-alternative when there is one. When a request is outside what you can do, say so plainly and point to \
-where help can be found.
-
-Before you finish, check that your answer is accurate, complete and consistent with what was asked."""
-
-# The fixed system prompts every meta-learned one is compared with (labels as in the run folder).
-BASELINE_SYSTEM_PROMPTS: dict[str, str] = {
-    "none": "",
-    "default": "You are a helpful assistant.",
-    "cot": "Let's think step by step.",
-    "service": SERVICE_SYSTEM_PROMPT,
-}
-
-
-def write_user_prompts(
-    tasks: Sequence[Task],
-    optimizer: LM,
-    n: int,
-    seed: int,
-    demos: int,
-    search: SearchBudget | None = None,
-    on_event: EventSink | None = None,
-) -> dict[str, list[str]]:
-    """About ``n`` user prompts per task, each written by the optimizer from ``demos`` training pairs.
-
-    All requests go in one optimizer batch (re-asks for unusable replies in one more each). Failed and
-    duplicate prompts are dropped; a task left with none falls back to its initial prompt.
-    """
-    search = search or SearchBudget()
-    writer = PromptWriter(optimizer, seed, "user_prompts", search.max_parse_retries, search.max_prompt_chars)
-    jobs = [(task, _demos(task, demos, seed, j)) for task in tasks for j in range(n)]
-    texts = writer.prompts([prompts.ape_user(shown) for _, shown in jobs], "user", "unseen",
-                           shown=[[ex.question for ex in shown] for _, shown in jobs],
-                           ignore=[shared_runs([ex.question for ex in task.train]) for task, _ in jobs])
-    written = {}
-    for i, task in enumerate(tasks):
-        kept = list(dict.fromkeys(t for t in texts[i * n : (i + 1) * n] if t is not None))
-        written[task.name] = kept or [task.initial_prompt]
-    if on_event:
-        on_event(
-            {
-                "event": "user_prompts_written",
-                "prompts_per_task": {k: len(v) for k, v in written.items()},
-                **writer.counts(),
-            }
-        )
-    return written
-
-
-def _demos(task: Task, k: int, seed: int, j: int):
-    return random.Random(stable_hash(seed, "user_prompts", task.name, j)).sample(
-        task.train, min(k, len(task.train))
-    )
+from ..errors import MetaspoError
+from ..files import write_json_atomic
+from ..models.base import LM
+from ..scoring import Scorer, Trial
+from ..search import EventSink, SearchConfig, adapt_user_prompts
+from ..stats import spread
+from ..tasks.task import QUESTION_SLOT, Example, Task
+from .config import EvaluationConfig
 
 
 def save_user_prompts(path: str | Path, user_prompts: dict[str, list[str]]) -> None:
     """Written atomically: a run killed mid-write must not leave a truncated file to resume from."""
-    from .runs import write_json_atomic
-
     write_json_atomic(path, user_prompts)
 
 
@@ -212,10 +133,10 @@ def test_time_adaptation(
     system_prompts: dict[str, str],
     base: LM,
     optimizer: LM,
-    budget: EvalBudget,
+    config: EvaluationConfig,
     seed: int,
     on_event: EventSink | None = None,
-    search: SearchBudget | None = None,
+    search: SearchConfig | None = None,
     test_size: int | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Task -> label -> test score of the best-on-train user prompt after each iteration (0 = initial).
@@ -224,32 +145,16 @@ def test_time_adaptation(
     Every (system prompt, task) beam advances together: one optimizer batch per phase, one scoring
     batch per iteration, and one test batch at the end.
     """
-    ctx = SearchContext("adapt", tasks, base, optimizer, search or SearchBudget(), seed, on_event)
-    tracks = [(label, task) for label in system_prompts for task in tasks]
-    starts = [
-        ctx.nodes.new(task.name, system_prompts[label], task.initial_prompt, 0, "initial")
-        for label, task in tracks
-    ]
-    _, trail = user_prompt_search(
-        ctx, starts, budget.adapt_iterations, budget.beam, budget.adapt_candidates, rewrite_user_prompts
-    )
-    trials = [
-        Trial(
-            node.system_prompt,
-            node.user_prompt,
-            ctx.tasks[node.task],
-            _test_examples(ctx.tasks[node.task], test_size),
-        )
-        for best_nodes in trail
-        for node in best_nodes
-    ]
-    means = iter(score.mean for score in ctx.scorer(trials, desc="adapt test"))
-    per_iteration = [[next(means) for _ in tracks] for _ in trail]
+    tracks = [(system_prompts[label], task) for label in system_prompts for task in tasks]
+    per_iteration, counts = adapt_user_prompts(
+        tasks, tracks, base, optimizer, search or SearchConfig(), seed, config.adapt_iterations, config.beam,
+        config.adapt_candidates, lambda task: _test_examples(task, test_size), on_event)
     results: dict[str, dict[str, list[float]]] = {task.name: {} for task in tasks}
-    for t, (label, task) in enumerate(tracks):
+    labelled = [(label, task) for label in system_prompts for task in tasks]
+    for t, (label, task) in enumerate(labelled):
         results[task.name][label] = [scores[t] for scores in per_iteration]
     if on_event:
-        on_event({"event": "test_time_adaptation", "scores": results, **ctx.counts()})
+        on_event({"event": "test_time_adaptation", "scores": results, **counts})
     return results
 
 

@@ -68,23 +68,23 @@ def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenize
     tokens); this fails instead."""
     from transformers import AttentionInterface
 
-    from metaspo_hf.models import engine as engine_module
+    from metaspo_hf.models import prefix as prefix_module
 
     called = []
 
     def spy(module, *args, **kwargs):
         called.append(module.layer_idx)
-        return engine_module._shared_prefix_attention(module, *args, **kwargs)
+        return prefix_module._shared_prefix_attention(module, *args, **kwargs)
 
     engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
     assert engine.prefix_reuse, "prefix reuse is off: the cache layers are no longer plain DynamicLayers"
     assert engine._cache_arg in inspect.signature(tiny_llama.forward).parameters
     chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:4]]
-    AttentionInterface.register(engine_module._SHARED_PREFIX_ATTENTION, spy)
+    AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, spy)
     try:
         got = engine.generate(chats, GenerationSettings(max_new_tokens=5))
     finally:
-        AttentionInterface.register(engine_module._SHARED_PREFIX_ATTENTION, engine_module._shared_prefix_attention)
+        AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, prefix_module._shared_prefix_attention)
     layers = tiny_llama.config.num_hidden_layers
     # Every layer of every forward pass of the chunk: the first (prefill of the rows' own tokens) and each step.
     assert called and sorted(set(called)) == list(range(layers)), "the shared-prefix attention was not called"
@@ -167,7 +167,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_results(tiny_llama, tiny_token
 
 
 def test_cpu_linears_run_on_packed_weights_only_inside_engine_calls(tiny_llama, tiny_tokenizer):
-    from metaspo_hf.models.engine import packed_linear_weights
+    from metaspo_hf.models.packed import packed_linear_weights
 
     packed = packed_linear_weights(tiny_llama)
     if not packed:
@@ -190,8 +190,8 @@ def test_cpu_linears_run_on_packed_weights_only_inside_engine_calls(tiny_llama, 
 def test_packing_is_skipped_for_models_over_the_size_bound(tiny_tokenizer, monkeypatch):
     from tiny import tiny_model
 
-    from metaspo_hf.models import engine as engine_module
+    from metaspo_hf.models import packed as packed_module
 
-    monkeypatch.setattr(engine_module, "_PACKED_LINEARS_MAX_BYTES", 1024)
+    monkeypatch.setattr(packed_module, "_PACKED_LINEARS_MAX_BYTES", 1024)
     model = tiny_model(tiny_tokenizer, seed=1)  # a fresh model: packing is remembered per model
     assert HFEngine(model, tiny_tokenizer, "tiny", progress=False).packed == {}

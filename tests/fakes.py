@@ -1,7 +1,7 @@
-"""Fakes shared by the search and protocol tests: tiny tasks and scripted base/optimizer models.
+"""Fakes shared by the search and evaluation tests (a helper module, not tests): tiny tasks and scripted base/optimizer models.
 
 Questions carry their gold answer in brackets ("... [t0-a3]"), so a scripted base model can answer
-right or wrong on purpose. (No tests here.)
+right or wrong on purpose.
 """
 
 from __future__ import annotations

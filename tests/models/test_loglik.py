@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from metaspo_hf.errors import MetaspoError
+from metaspo_hf.evaluation.protocols import unseen_generalization
 from metaspo_hf.models import loglik as loglik_module
 from metaspo_hf.models.base import LM, GenerationSettings, make_chat
 from metaspo_hf.models.cache import CachedEngine
-from metaspo_hf.models.engine import HFEngine, common_prefix_len
+from metaspo_hf.models.engine import HFEngine
 from metaspo_hf.models.fake import FakeEngine
-from metaspo_hf.protocols import unseen_generalization
+from metaspo_hf.models.prefix import common_prefix_len
 from metaspo_hf.recipe import load_recipe
-from metaspo_hf.search.scorer import LOGLIK_CONTINUATION, Scorer, Trial
+from metaspo_hf.scoring import LOGLIK_CONTINUATION, Scorer, Trial
 from metaspo_hf.tasks.task import Example, Task
 
 SYSTEMS = ["You are a helpful assistant.", "Think step by step and keep answers short. " * 3]

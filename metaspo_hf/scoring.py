@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from ..models.base import LM, make_chat
-from ..tasks.extract import LETTERS
-from ..tasks.task import Example, Task
+from .models.base import LM, chat_key, make_chat
+from .tasks.extract import LETTERS
+from .tasks.task import Example, Task
 
 # The recipe's `scoring` values.
 SCORING_MODES = ("generate", "loglik")
@@ -114,7 +114,7 @@ class Scorer:
     def _choose(self, chats: list, examples: list[Example], desc: str | None) -> list[str]:
         """The answer of the likeliest option for each (chat, multiple-choice example), in one engine call;
         identical chats are scored once."""
-        unique, positions = _dedupe(chats)
+        unique, positions = dedupe(chats)
         options: dict[int, tuple[str, ...]] = {}  # distinct chat -> its example's options
         for position, example in zip(positions, examples, strict=True):
             options.setdefault(position, tuple(example.options[: len(LETTERS)]))
@@ -134,7 +134,7 @@ class Scorer:
         if not chats:
             return []
         if self.base.settings.greedy and self.dedupe:
-            unique, positions = _dedupe(chats)
+            unique, positions = dedupe(chats)
         else:
             unique, positions = chats, list(range(len(chats)))
         outputs = self.base(unique, desc=desc)
@@ -148,7 +148,7 @@ def is_multiple_choice(task: Task, example: Example) -> bool:
     return task.answer_kind == "choice" and bool(example.options)
 
 
-def _dedupe(chats: list) -> tuple[list, list[int]]:
+def dedupe(chats: list) -> tuple[list, list[int]]:
     """Distinct chats and, for each chat, its position among them.
 
     Only for greedy decoding, where identical chats give identical answers: a sampled base model must
@@ -157,7 +157,7 @@ def _dedupe(chats: list) -> tuple[list, list[int]]:
     index: dict[str, int] = {}
     unique, positions = [], []
     for chat in chats:
-        key = repr(chat)
+        key = chat_key(chat)
         if key not in index:
             index[key] = len(unique)
             unique.append(chat)

@@ -1,4 +1,4 @@
-"""The search and evaluation budgets: the recipe's `search:` and `evaluation:` sections.
+"""The search configuration: the recipe's `search:` section.
 
 Defaults are the paper code's settings; each carries the reason it is what it is.
 """
@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MetaspoError
+from .registry import get_method
 
 
 @dataclass
-class SearchBudget:
+class SearchConfig:
     # The full bilevel method; the other registered names are its ablations and baselines.
     method: str = "metaspo"
     # The paper code runs 3 inner+outer iterations; scores plateau after that.
@@ -57,8 +58,6 @@ class SearchBudget:
     guard_margin: float = 0.0
 
     def __post_init__(self):
-        from .registry import get_method  # late: the registry imports the methods, which import this file
-
         get_method(self.method, key="search.method")
         for name in (
             "iterations",
@@ -93,59 +92,8 @@ class SearchBudget:
             )
 
 
-@dataclass
-class EvalBudget:
-    # The paper pairs each system prompt with 10 user prompts per unseen task.
-    user_prompts_per_task: int = 10
-    # A handful of input/output demos is enough for the optimizer to infer a task; keeps its context short.
-    demos: int = 5
-    # The paper's test-time adaptation runs ProTeGi for 6 iterations.
-    adapt_iterations: int = 6
-    # ProTeGi's beam of 3 user prompts, as in the paper code.
-    beam: int = 3
-    # Each beam prompt gets 3 rewrites per iteration, as in the paper code.
-    adapt_candidates: int = 3
-    # System prompts compared with MetaSPO's on unseen tasks: the paper's fixed baselines and searched ones.
-    compare: tuple[str, ...] = ("none", "default", "cot", "service", "outer_only", "sprig")
-    # Test-time adaptation starts from these system prompts besides MetaSPO's (the paper uses the default).
-    adapt_compare: tuple[str, ...] = ("default",)
-    # Test questions per task scored after each adaptation iteration; None = all of them (the paper).
-    # Fewer keeps the second protocol cheap where every generation costs (CPU recipes).
-    adapt_test_size: int | None = None
-    # A folder of fixed user prompts in the reference code's layout (reference_files.py): unseen
-    # generalization then scores the first user_prompts_per_task of each task's file, the paper's own,
-    # instead of prompts written by the optimizer. Relative to the recipe.
-    user_prompts_dir: str | None = None
-
-    def __post_init__(self):
-        for name in ("user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates"):
-            require_int("evaluation", name, getattr(self, name), minimum=1)
-        if self.adapt_test_size is not None:
-            require_int("evaluation", "adapt_test_size", self.adapt_test_size, minimum=1)
-        self.compare = check_labels("evaluation.compare", self.compare)
-        self.adapt_compare = check_labels("evaluation.adapt_compare", self.adapt_compare)
-
-
 def require_int(section: str, name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise MetaspoError(f"{section}.{name} must be an integer, got {value!r}")
     if value < minimum:
         raise MetaspoError(f"{section}.{name} must be >= {minimum}, got {value}")
-
-
-def check_labels(key: str, labels) -> tuple[str, ...]:
-    """The labels as a tuple, each a fixed baseline prompt or a method that searches a system prompt."""
-    from ..errors import did_you_mean
-    from ..protocols import BASELINE_SYSTEM_PROMPTS
-    from .registry import system_prompt_methods
-
-    if isinstance(labels, str) or not all(isinstance(label, str) for label in labels):
-        raise MetaspoError(f"{key} must be a list of names, got {labels!r}")
-    known = [*BASELINE_SYSTEM_PROMPTS, *system_prompt_methods()]
-    for label in labels:
-        if label not in known:
-            raise MetaspoError(
-                f"{key}: unknown system prompt {label!r}",
-                hint=did_you_mean(label, known) or f"choose from {', '.join(known)}",
-            )
-    return tuple(labels)

@@ -6,18 +6,19 @@ import json
 from statistics import stdev
 
 import pytest
-from test_search_helpers import base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
+from fakes import base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
 
-from metaspo_hf import protocols
+from metaspo_hf import search
 from metaspo_hf.errors import MetaspoError
+from metaspo_hf.evaluation import EvaluationConfig, labels, protocols
 from metaspo_hf.models.base import LM, GenerationSettings
 from metaspo_hf.models.fake import FakeEngine
-from metaspo_hf.search import EvalBudget, SearchBudget
+from metaspo_hf.search import SearchConfig
 from metaspo_hf.tasks.task import QUESTION_SLOT
 
 
 def test_baseline_system_prompts():
-    prompts = protocols.BASELINE_SYSTEM_PROMPTS
+    prompts = labels.BASELINE_SYSTEM_PROMPTS
     assert list(prompts) == ["none", "default", "cot", "service"]
     assert (prompts["none"], prompts["default"], prompts["cot"]) == (
         "",
@@ -31,7 +32,7 @@ def test_write_user_prompts_writes_n_per_task_from_demos_in_one_batch():
     tasks = [make_task("a", n_train=6), make_task("b", n_train=6)]
     optimizer = optimizer_lm()
     events = []
-    written = protocols.write_user_prompts(tasks, optimizer, n=4, seed=0, demos=3, on_event=events.append)
+    written = search.write_user_prompts(tasks, optimizer, n=4, seed=0, demos=3, on_event=events.append)
     assert batch_sizes(optimizer) == [8]
     assert {name: len(prompts) for name, prompts in written.items()} == {"a": 4, "b": 4}
     assert all(p.count(QUESTION_SLOT) == 1 for prompts in written.values() for p in prompts)
@@ -39,7 +40,7 @@ def test_write_user_prompts_writes_n_per_task_from_demos_in_one_batch():
     assert all(r.count("Input:") == 3 for r in requests)
     assert all("[a-train-" in r for r in requests[:4]) and all("[b-train-" in r for r in requests[4:])
     assert events[0]["prompts_per_task"] == {"a": 4, "b": 4} and events[0]["optimizer_calls"] == 8
-    again = protocols.write_user_prompts(tasks, optimizer_lm(), n=4, seed=0, demos=3)
+    again = search.write_user_prompts(tasks, optimizer_lm(), n=4, seed=0, demos=3)
     assert again == written
 
 
@@ -52,8 +53,8 @@ def test_write_user_prompts_drops_failures_and_duplicates_and_falls_back_to_the_
 
     optimizer = LM(FakeEngine(respond), GenerationSettings(temperature=1.0), "optimizer")
     tasks = [make_task("a"), make_task("b")]
-    written = protocols.write_user_prompts(
-        tasks, optimizer, n=3, seed=0, demos=2, search=SearchBudget(max_parse_retries=1)
+    written = search.write_user_prompts(
+        tasks, optimizer, n=3, seed=0, demos=2, search=SearchConfig(max_parse_retries=1)
     )
     assert written == {"a": ["Same prompt for a: {question}"], "b": [tasks[1].initial_prompt]}
     assert batch_sizes(optimizer) == [6, 3]  # b's three refusals are re-asked once, together
@@ -143,7 +144,7 @@ def test_test_time_adaptation_reports_test_scores_per_iteration_for_each_system_
 
     tasks = [make_task("a", n_train=4, n_test=4), make_task("b", n_train=4, n_test=4)]
     base, optimizer = base_lm(correct), optimizer_lm()
-    budget = EvalBudget(adapt_iterations=2, beam=2, adapt_candidates=2)
+    budget = EvaluationConfig(adapt_iterations=2, beam=2, adapt_candidates=2)
     events = []
     curves = protocols.test_time_adaptation(
         tasks,
@@ -153,7 +154,7 @@ def test_test_time_adaptation_reports_test_scores_per_iteration_for_each_system_
         budget,
         seed=0,
         on_event=events.append,
-        search=SearchBudget(train_size=4),
+        search=SearchConfig(train_size=4),
     )
     assert curves == {
         "a": {"none": [0.25, 0.5, 0.5], "good": [0.25, 1.0, 1.0]},

@@ -11,12 +11,14 @@ import pytest
 from matplotlib.image import imread
 
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.report import CANONICAL_LABELS, compare_runs, validate_result, write_report
-from metaspo_hf.runs import RunDir, write_json_atomic
+from metaspo_hf.evaluation.labels import TABLE_ORDER
+from metaspo_hf.files import write_json_atomic
+from metaspo_hf.report import compare_runs, validate_result, write_report
+from metaspo_hf.runs import RunDir
 from metaspo_hf.stats import describe, paired_difference
 
 TASKS = ("logical_deduction", "object_counting", "navigate")
-LABELS = (*CANONICAL_LABELS, "my_prompt")
+LABELS = (*TABLE_ORDER, "my_prompt")
 
 
 def synthetic_result(seed: int = 0, recipe: str = "smoke") -> dict:

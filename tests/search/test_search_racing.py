@@ -9,11 +9,11 @@ import dataclasses
 import re
 
 import pytest
-from test_search_helpers import TagTask, base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
+from fakes import TagTask, base_lm, batch_sizes, make_task, optimizer_lm, question_index, turns
 
 from metaspo_hf.models.base import LM, GenerationSettings, stable_hash
 from metaspo_hf.models.fake import FakeEngine
-from metaspo_hf.search import SearchBudget, run_search
+from metaspo_hf.search import SearchConfig, run_search
 from metaspo_hf.search.candidates import Beam, Node
 from metaspo_hf.search.racing import cannot_be_adopted, cannot_enter_beams, failures_first
 
@@ -61,7 +61,7 @@ def search(seed: int, racing: bool, rounds: int, method: str, T: int, N: int, m:
            iters: int, partial: bool):
     base, optimizer = random_base(seed, levels=4, partial=partial), pooled_optimizer(pool=5)
     tasks = [partial_task(f"t{i}", N) if partial else make_task(f"t{i}", n_train=N) for i in range(T)]
-    budget = SearchBudget(method=method, iterations=iters, system_candidates=n, user_candidates=m, top_k=K,
+    budget = SearchConfig(method=method, iterations=iters, system_candidates=n, user_candidates=m, top_k=K,
                           train_size=N, racing=racing, racing_rounds=rounds)
     return run_search(method, tasks, base, optimizer, budget, seed=seed), base, optimizer
 
@@ -143,7 +143,7 @@ def test_every_round_is_one_base_batch():
         return question_index(user) < (4 if "careful" in system else 3)
 
     base = base_lm(correct)
-    budget = SearchBudget(iterations=1, system_candidates=3, user_candidates=2, top_k=1, train_size=6,
+    budget = SearchConfig(iterations=1, system_candidates=3, user_candidates=2, top_k=1, train_size=6,
                           racing_rounds=3)
     run_search("metaspo", tasks, base, optimizer_lm(), budget, seed=1)
     # init; inner: 4 candidates x 2 questions per round, stopped after round 2 (they fail 3, 4 and 5,
@@ -154,7 +154,7 @@ def test_every_round_is_one_base_batch():
 def test_a_perfect_incumbent_stops_every_candidate_before_it_is_scored():
     tasks = [make_task(f"t{i}", n_train=4) for i in range(2)]
     base = base_lm(lambda system, user: True)
-    budget = SearchBudget(iterations=2, system_candidates=3, user_candidates=2, top_k=1, train_size=4)
+    budget = SearchConfig(iterations=2, system_candidates=3, user_candidates=2, top_k=1, train_size=4)
     result = run_search("metaspo", tasks, base, optimizer_lm(), budget, seed=1)
     assert batch_sizes(base) == [8]
     # Per iteration: 2 tasks x 2 user candidates x 4, then 3 system candidates x 2 kept pairs x 4.
@@ -196,7 +196,7 @@ def test_tie_rules_for_user_candidates():
 def test_questions_are_raced_in_order_of_the_parents_failures():
     parent = Node(0, "t", "", "p", None, 0, 0, "initial", train_score=0.5)
     task = make_task("t", n_train=5)
-    from metaspo_hf.search.scorer import Scorer, Trial
+    from metaspo_hf.scoring import Scorer, Trial
 
     scored = Scorer(base_lm(lambda s, u: question_index(u) % 2 == 0))([Trial("", task.initial_prompt, task,
                                                                          task.train)])[0]
@@ -207,7 +207,7 @@ def test_questions_are_raced_in_order_of_the_parents_failures():
 
 def test_racing_is_off_for_a_sampled_base_model():
     base = LM(FakeEngine(lambda chat, s, k: "<answer>wrong</answer>"), GenerationSettings(temperature=0.7), "base")
-    budget = SearchBudget(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4)
+    budget = SearchConfig(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4)
     result = run_search("metaspo", [make_task("t", n_train=4)], base, optimizer_lm(), budget, seed=1)
     assert batch_sizes(base) == [4, 4, 8] and result.counts["racing_skipped"] == 0
 
@@ -216,6 +216,6 @@ def test_racing_settings_are_checked():
     from metaspo_hf.errors import MetaspoError
 
     with pytest.raises(MetaspoError, match="search.racing must be true or false"):
-        SearchBudget(racing="yes")
+        SearchConfig(racing="yes")
     with pytest.raises(MetaspoError, match="search.racing_rounds must be >= 1"):
-        SearchBudget(racing_rounds=0)
+        SearchConfig(racing_rounds=0)

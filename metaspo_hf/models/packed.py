@@ -1,0 +1,61 @@
+"""CPU linear layers on weights packed once for oneDNN (the kernels torch's inductor uses for frozen CPU
+models), swapped in only for the duration of an engine call. bfloat16 results are bit-identical to the
+default kernels'; float32 ones differ in the last bits (sums in another order). docs/benchmarks.md has
+the measured speed-ups.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+# Packing copies the weights; a model whose linear layers hold more than this is left as it is.
+_PACKED_LINEARS_MAX_BYTES = 4 * 2**30
+# Per model, its packed linear weights (shared by every engine on that model; gone with the model).
+_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_linear_weights(model) -> dict:
+    """{Linear module: its weight packed for oneDNN} for a float CPU model, else {} (not on CPU, no oneDNN,
+    over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing or disagrees)."""
+    if model in _packed_weights:
+        return _packed_weights[model]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear  # subclasses: quantized layers
+               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    packed = {}
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if linears and torch.backends.mkldnn.is_available() and size <= _PACKED_LINEARS_MAX_BYTES:
+        try:
+            with torch.inference_mode():
+                packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in linears}
+                probe = linears[0]
+                # Its own generator: building an engine must not move the global random state.
+                x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype,
+                                generator=torch.Generator().manual_seed(0))
+                expected = torch.nn.functional.linear(x, probe.weight, probe.bias).float()
+                agree = torch.allclose(_packed_linear(x, packed[probe], probe.bias).float(), expected,
+                                       rtol=1e-2, atol=1e-3)
+        except (AttributeError, RuntimeError):  # an op this torch build lacks or cannot run
+            agree = False
+        packed = packed if agree else {}
+    _packed_weights[model] = packed
+    return packed
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@contextmanager
+def on_packed_weights(packed: dict):
+    """Within the block, each packed Linear module computes with its packed weight (its forward shadowed)."""
+    for module, weight in packed.items():
+        module.forward = partial(_packed_linear, weight=weight, bias=module.bias)
+    try:
+        yield
+    finally:
+        for module in packed:
+            vars(module).pop("forward", None)  # the class's forward again

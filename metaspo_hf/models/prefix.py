@@ -1,0 +1,143 @@
+"""The shared prefix of a group of rows: its KV computed once, read by every row through an attention
+that scores all rows' queries against one copy; and the KV buffers a chunk's rows decode into.
+
+Used by the generation engine (engine.py) and by log-likelihood scoring (loglik.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Prefix:
+    length: int
+    kv: list | None  # per layer (keys, values) of shape [1, heads, length, dim]; None when empty
+
+
+@dataclass
+class Row:
+    index: int  # position in the caller's list
+    ids: list[int]  # full rendered prompt tokens
+    seed: int  # sampling seed of this row (unused when greedy)
+    prefix: Prefix | None = None
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.ids[self.prefix.length:]
+
+
+# Per layer (keys, values) of shape [kv_heads, length, dim]: the prefix shared by every row of the chunk
+# being generated, read by ``_shared_prefix_attention``.
+_shared_prefix_kv: ContextVar[list | None] = ContextVar("shared_prefix_kv", default=None)
+_SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
+# The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
+SHARED_PREFIX_SOURCES = ("sdpa", "eager")
+# Its prefill holds all scores at once, where SDPA works in tiles; past 2**22 (16 MB in float32 per layer,
+# e.g. 32 rows x 9 heads x 50 queries x 250 keys) the extra memory traffic costs more than it saves.
+SHARED_PREFIX_MAX_SCORES = 2**22
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of each row over [the shared prefix] + [its own tokens], the prefix read once for all rows.
+
+    Copying the prefix into every row (what a batched cache holds) makes each decode step read it once per
+    row; here its scores come from one matmul of all rows' queries against it. ``attention_mask`` covers
+    the row's own tokens only ([batch, 1, queries, own], True = attend); the prefix is visible to all.
+    """
+    prefix_keys, prefix_values = _shared_prefix_kv.get()[module.layer_idx]
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads * queries  # query vectors per key head and row (heads grouped as repeat_kv does)
+    scaling = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, group, dim)
+    by_head = q.transpose(0, 1).reshape(kv_heads, batch * group, dim)
+    prefix_scores = torch.matmul(by_head, prefix_keys.transpose(1, 2)).view(kv_heads, batch, group, -1).transpose(0, 1)
+    own_scores = torch.matmul(q, key.transpose(2, 3))
+    mask = attention_mask[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, 1, group, -1)
+    own_scores = own_scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float() * scaling, dim=-1).to(query.dtype)
+    length = prefix_keys.shape[1]
+    prefix_probs = probs[..., :length].transpose(0, 1).reshape(kv_heads, batch * group, length)
+    out = torch.matmul(prefix_probs, prefix_values).view(kv_heads, batch, group, dim).transpose(0, 1)
+    out = out + torch.matmul(probs[..., length:], value)
+    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+
+
+@contextmanager
+def attending_to(model, prefix: Prefix | None):
+    """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None)."""
+    if prefix is None:
+        yield
+        return
+    previous = model.config._attn_implementation
+    token = _shared_prefix_kv.set([(k[0], v[0]) for k, v in prefix.kv])
+    model.config._attn_implementation = _SHARED_PREFIX_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+        _shared_prefix_kv.reset(token)
+
+
+def common_prefix_len(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        n = 0
+        while n < length and seq[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once per chunk: a decode step writes its token
+    in place, where the default layer concatenates (copying the whole cache at every step)."""
+
+    def __init__(self, keys, values, length: int, capacity: int):
+        super().__init__()
+        self.buffers = (keys, values)
+        self.length = length
+        self.capacity = capacity
+        if keys is not None:
+            self._set_views()
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
+        self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+        self._set_views()
+
+    def _set_views(self) -> None:
+        keys, values = self.buffers
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys[:, :, :self.length], values[:, :, :self.length]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.buffers
+        end = self.length + key_states.shape[-2]
+        keys[:, :, self.length:end] = key_states
+        values[:, :, self.length:end] = value_states
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.buffers = tuple(buffer[indices] for buffer in self.buffers)
+            self._set_views()
