@@ -81,9 +81,16 @@ _ACKNOWLEDGEMENT = re.compile(r"\A\s*(?:understood|got it|noted|i understand|tha
 # A system prompt that addresses the user instead of instructing the assistant: it introduces itself
 # or asks for the task ("I am a helpful assistant. Please provide a task, and I will answer it").
 _SPEAKS_TO_USER = re.compile(
-    r"\A\s*(?:I am|I'm) (?:a|an|your)\b|how (?:can|may) I (?:help|assist)"
-    r"|please (?:provide|give|share|send|specify|tell)(?: me| us)?(?: \w+){0,3}? "
-    r"(?:task|tasks|question|questions|instructions|examples|request|requests|details|input|context)\b",
+    r"\A\s*(?:I am|I'm) (?:a|an|your|ready)\b|how (?:can|may) I (?:help|assist)|feel free to ask"
+    r"|\bI (?:will|can|'ll) (?:respond|answer|approach|help|assist|do my best)\b"
+    r"|please (?:provide|give|share|send|specify|tell)(?: me| us)?(?: \w+){0,4}? "
+    r"(?:task|tasks|question|questions|instructions|examples|request|requests|details|input|context|prompt)\b",
+    re.IGNORECASE,
+)
+# A system prompt that talks about the prompt-writing job instead of doing the assistant's: it echoes
+# the meta-prompt ("explain why the model made mistakes", "help on new tasks of kinds not seen here").
+_ECHOES_REQUEST = re.compile(
+    r"\b(?:system|user) prompts?\b|\bthe model (?:made|makes|got)\b|tasks of kinds not seen",
     re.IGNORECASE,
 )
 # How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
@@ -135,6 +142,9 @@ def _user_address_reason(prompt: str) -> str | None:
     if _SPEAKS_TO_USER.search(prompt):
         return ("it spoke to the user instead of instructing the assistant (write instructions addressed to "
                 "the assistant, in the second person)")
+    if _ECHOES_REQUEST.search(prompt):
+        return ("it talked about prompts and the model's mistakes instead of telling the assistant how to "
+                "handle a request")
     return None
 
 

@@ -249,7 +249,7 @@ def garbage_optimizer(fixed_by_reminder: bool = False, failing_task: str | None 
         return (
             f"<prompt>Fixed version {k}: {{question}}</prompt>"
             if "{question}" in request
-            else f"<prompt>Fixed system prompt {k}.</prompt>"
+            else f"<prompt>Fixed assistant rules {k}.</prompt>"
         )
 
     return LM(FakeEngine(respond), GenerationSettings(temperature=1.0), role="optimizer")

@@ -216,10 +216,21 @@ def test_a_finished_prompt_is_not_cut_off(reply):
     "<prompt>I am a helpful assistant. Please provide a task, and I will answer it.</prompt>",
     "<prompt>You help with tasks; please provide clear instructions and specific examples of the tasks.</prompt>",
     "<prompt>Hello! How can I help you today?</prompt>",
+    # Seen from Qwen2.5-Coder-1.5B in a reasoning run:
+    "<prompt>You are an AI assistant that can help with a wide range of tasks. Please provide a clear and precise "
+    "request, and I will respond according to your instructions.</prompt>",
+    "I am ready to help. Please provide the system prompt that needs improvement.",
 ])
 def test_a_system_prompt_that_speaks_to_the_user_is_refused(reply):
     parsed = parse_prompt(reply, "system", LIMIT)
     assert parsed.prompt is None and "spoke to the user" in parsed.reason
+
+
+def test_a_system_prompt_that_echoes_the_prompt_writing_request_is_refused():
+    reply = ("<prompt>You are a helpful assistant. When you receive a request, please explain why the model made "
+             "mistakes. Use general prompts that help on all tasks and new tasks of kinds not seen here.</prompt>")
+    parsed = parse_prompt(reply, "system", LIMIT)
+    assert parsed.prompt is None and "talked about prompts" in parsed.reason
 
 
 def test_instructions_to_the_assistant_that_say_please_are_fine():
