@@ -282,7 +282,7 @@ def list_everything() -> None:
 def validate(recipe_name: str, overrides: list[str]) -> None:
     """Check a recipe without loading weights: keys, types, values, the model source, and every task's
     data, read and sampled as a run would (so a run fails on nothing validate could have seen)."""
-    import torch
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]
