@@ -10,9 +10,10 @@ import argparse
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, pipeline
 from .errors import MetaspoError
 from .pipeline import RunInterrupted
+from .tasks import commands
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -92,23 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from . import pipeline
-
     command = args.command
     if command == "ls":
         pipeline.list_everything()
     elif command == "validate":
         pipeline.validate(args.recipe, args.overrides)
     elif command == "tasks":
-        from .tasks import commands
-
         if args.tasks_command == "ls":
             commands.tasks_ls(args.suite)
         else:
             commands.tasks_show(args.name, data_dir=args.data_dir)
     elif command == "data":
-        from .tasks import commands
-
         commands.data_fetch(args.what)
     elif command == "generate":
         print(pipeline.generate_one(args.recipe, args.overrides, args.question, args.system_prompt))
@@ -117,6 +112,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif command == "compare":
         print(pipeline.compare(args.run_dirs, args.out))
     elif command == "bench":
+        # Not at the top: the benchmark imports torch, which `metaspo --help` does without.
         from .bench import main as bench_main
 
         bench_main(out=args.out, quick=args.quick, loglik=args.loglik)

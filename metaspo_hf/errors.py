@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class MetaspoError(Exception):
     """A problem with the user's input (recipe, data, prompt, command line), not a bug.
@@ -26,7 +28,5 @@ class MetaspoError(Exception):
 
 def did_you_mean(name: str, choices) -> str | None:
     """A hint naming the closest known choices to a mistyped ``name``, or None."""
-    import difflib
-
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None

@@ -15,7 +15,6 @@ from .evaluation import BASELINE_SYSTEM_PROMPTS
 from .evaluation.protocols import (
     item_rows,
     load_user_prompts,
-    overall_scores,
     save_user_prompts,
     test_time_adaptation,
     unseen_generalization,
@@ -26,6 +25,7 @@ from .models.loading import PACKAGED_MODELS, check_loadable, load_engines, resol
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
 from .reference_files import read_fixed_user_prompts, read_system_prompt
 from .report import compare_runs, write_report
+from .results import build_result
 from .runs import RunDir
 from .scoring import is_multiple_choice
 from .search import SearchResult, run_search, system_prompt_methods, write_user_prompts
@@ -88,7 +88,7 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
                                              if m in system_prompt_methods() and m != recipe.search.method]
         for method in methods:
             searches[method] = _search_once(run_dir, method, suite.meta_train, base, optimizer, recipe, on_event)
-        run_dir.write_json("nodes.json", {m: s.nodes for m, s in searches.items()})
+        run_dir.write_json(RunDir.NODES, {m: s.nodes for m, s in searches.items()})
 
     # 5. The system prompts to compare on unseen tasks.
     system_prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
@@ -121,25 +121,21 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
                                           test_size=recipe.evaluation.adapt_test_size)
 
     # 7. Result and report.
-    result = {
-        "recipe": recipe.name,
-        "model": recipe.model.name_or_path,
-        "seed": recipe.seed,
-        "method": recipe.search.method,
-        "optimized_system_prompt": system_prompts.get(main_label, ""),
-        "main_label": main_label,
-        "system_prompts": system_prompts,
-        "scores": scores,
-        "overall": overall_scores(scores) if scores else {},
-        "comparisons": comparisons,
-        "adaptation": adaptation,
-        "meta_train": {method: search.history for method, search in searches.items()},
-        "guard": {method: {**search.guard, "rejected_system_prompt": search.rejected_system_prompt}
-                  for method, search in searches.items() if search.guard},
-        "costs": costs(base, optimizer, engines, time.perf_counter() - started),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
-    run_dir.write_json("result.json", result)
+    result = build_result(
+        recipe=recipe.name,
+        model=recipe.model.name_or_path,
+        seed=recipe.seed,
+        method=recipe.search.method,
+        main_label=main_label,
+        system_prompts=system_prompts,
+        scores=scores,
+        comparisons=comparisons,
+        adaptation=adaptation,
+        searches=searches,
+        costs=costs(base, optimizer, engines, time.perf_counter() - started),
+        wall_seconds=round(time.perf_counter() - started, 2),
+    )
+    run_dir.write_json(RunDir.RESULT, result)
     on_event({"event": "done", "wall_seconds": result["wall_seconds"]})
     write_report(run_dir.path)
     return run_dir.path
@@ -286,7 +282,7 @@ def list_everything() -> None:
 def validate(recipe_name: str, overrides: list[str]) -> None:
     """Check a recipe without loading weights: keys, types, values, the model source, and every task's
     data, read and sampled as a run would (so a run fails on nothing validate could have seen)."""
-    import torch
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     recipe = load_recipe(recipe_name, overrides)
     specs = [spec for spec in (recipe.model, recipe.optimizer_model) if spec is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -27,7 +28,8 @@ from .models.loading import ModelSpec
 from .scoring import SCORING_MODES
 from .search.config import SearchConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The recipes shipped with the package (`metaspo ls`): see ``shipped_recipes``.
+RECIPES_PACKAGE = "metaspo_hf.recipes"
 # (section, key) of the recipe values that name files or folders; relative ones are relative to the recipe.
 PATH_KEYS = (("tasks", "suite"), ("tasks", "data_dir"), ("evaluation", "user_prompts_dir"))
 
@@ -144,12 +146,34 @@ _LATER_KEYS = (
 )
 
 
+def shipped_recipes() -> Path:
+    """The folder of the recipes shipped with the package.
+
+    pyproject.toml maps the package ``metaspo_hf.recipes`` onto the repository's top-level recipes/
+    folder, so the import system finds that folder in an editable install and its copy inside the
+    package in a regular one. A checkout run without installing it has no such package: its
+    recipes/ folder beside the package is the same folder.
+    """
+    spec = importlib.util.find_spec(RECIPES_PACKAGE)
+    # recipes/ has no __init__.py, so the package is a namespace package; an editable install adds a
+    # placeholder entry to its locations that is not a folder.
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if Path(location).is_dir():
+            return Path(location)
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe_folders() -> tuple[Path, ...]:
+    # ./recipes first, so that a user's own recipes there shadow the shipped ones of the same name.
+    return Path.cwd() / "recipes", shipped_recipes()
+
+
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe path, or a recipe name looked up in ./recipes and the repository's recipes/."""
+    """A recipe path, or a recipe name looked up in ./recipes and the shipped recipes."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for folder in (Path.cwd() / "recipes", RECIPES_DIR):
+    for folder in _recipe_folders():
         for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
             if candidate.is_file():
                 return candidate
@@ -158,8 +182,9 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def list_recipes() -> list[Path]:
+    """Every recipe ``find_recipe`` finds by name (``_base.yaml`` and other ``_`` files are parts, not recipes)."""
     seen: dict[str, Path] = {}
-    for folder in (Path.cwd() / "recipes", RECIPES_DIR):
+    for folder in _recipe_folders():
         if folder.is_dir():
             for path in sorted(folder.glob("*.yaml")):
                 if not path.name.startswith("_"):

@@ -24,7 +24,7 @@ import yaml
 from . import __version__
 from .errors import MetaspoError
 from .files import TEMP_SUFFIX, atomic_file, read_json, write_json_atomic
-from .runlock import RunLock
+from .runlock import LOCK_NAME, RunLock
 from .stats import ITEM_FIELDS
 
 # The issue's documented default location, relative to the folder the command runs in.
@@ -108,51 +108,80 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # ---- files ------------------------------------------------------------------------------------
+    # Every name in a run folder, spelled here only (docs/run-folder.md); the properties below join
+    # them to the folder. ``write_json`` takes the names, which are relative to the folder.
+    RECIPE = "recipe.yaml"
+    RUN = "run.json"
+    LOCK = LOCK_NAME
+    EVENTS = "events.jsonl"
+    RESPONSES = "responses.sqlite"
+    USER_PROMPTS = "user_prompts.json"
+    NODES = "nodes.json"
+    CHECKPOINTS = "checkpoints"
+    RESULT = "result.json"
+    ITEMS = "items.csv"
+    # Rebuilt from result.json (+ nodes.json) by the report.
+    REPORT = "report.md"
+    SCORES_CSV = "scores.csv"
+    ADAPTATION_CSV = "adaptation.csv"
+    META_TRAIN_CSV = "meta_train.csv"
+    SCORES_PLOT = "unseen_generalization.png"
+    ADAPTATION_PLOT = "test_time_adaptation.png"
+    META_TRAIN_PLOT = "meta_train.png"
+    SYSTEM_PROMPT = "system_prompt.txt"
+    MODELFILE = "Modelfile"
+    CHAT_SNIPPET = "chat_template_snippet.json"
+    REFERENCE_RESULT = "metaspo_result.json"
+
+    def file(self, name: str) -> Path:
+        """``name`` (one of the names above) inside this folder."""
+        return self.path / name
+
     @property
     def recipe_file(self) -> Path:
         """The resolved recipe (every default filled in), as YAML."""
-        return self.path / "recipe.yaml"
+        return self.file(self.RECIPE)
 
     @property
     def run_file(self) -> Path:
         """Recipe name and hash, package versions, creation time and the command line."""
-        return self.path / "run.json"
+        return self.file(self.RUN)
 
     @property
     def events_file(self) -> Path:
-        return self.path / "events.jsonl"
+        return self.file(self.EVENTS)
 
     @property
     def responses_db(self) -> Path:
         """The CachedEngine's SQLite file: every completion of the run, replayed on resume."""
-        return self.path / "responses.sqlite"
+        return self.file(self.RESPONSES)
 
     @property
     def user_prompts_file(self) -> Path:
         """The unseen-generalization protocol's user prompts, reused by every compared system prompt."""
-        return self.path / "user_prompts.json"
+        return self.file(self.USER_PROMPTS)
 
     @property
     def nodes_file(self) -> Path:
         """All search candidates with scores and parents."""
-        return self.path / "nodes.json"
+        return self.file(self.NODES)
 
     @property
     def result_file(self) -> Path:
-        return self.path / "result.json"
+        return self.file(self.RESULT)
 
     @property
     def items_file(self) -> Path:
         """Every unseen-generalization item's score (``stats.ITEM_FIELDS``): paired analyses start here."""
-        return self.path / "items.csv"
+        return self.file(self.ITEMS)
 
     @property
     def report_file(self) -> Path:
-        return self.path / "report.md"
+        return self.file(self.REPORT)
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.file(self.CHECKPOINTS)
 
     # ---- creating and reopening -------------------------------------------------------------------
     @classmethod
@@ -184,7 +213,7 @@ class RunDir:
         with atomic_file(run.recipe_file) as fh:
             yaml.safe_dump(scrub(resolved_recipe), fh, sort_keys=False, allow_unicode=True)
         run.write_json(
-            "run.json",
+            cls.RUN,
             {
                 "recipe": recipe_name,
                 "recipe_hash": recipe_hash,
@@ -242,7 +271,7 @@ class RunDir:
         lock: bool = False,
     ) -> RunDir:
         """Resume the run in ``output_dir`` when it holds one (same recipe only), else start one there."""
-        if output_dir is not None and (Path(output_dir) / "run.json").exists():
+        if output_dir is not None and cls(output_dir).run_file.exists():
             return cls.open(output_dir, recipe_hash, lock=lock)
         return cls.create(output_dir, recipe_name, resolved_recipe, recipe_hash, root, lock=lock)
 
@@ -331,7 +360,7 @@ class RunDir:
 
     def save_checkpoint(self, name: str, state: Any) -> Path:
         """Atomically store ``state`` as ``checkpoints/<name>.json``."""
-        return self.write_json(Path("checkpoints", f"{_safe_name(name)}.json"), state)
+        return self.write_json(Path(self.CHECKPOINTS, f"{_safe_name(name)}.json"), state)
 
     def load_checkpoint(self, name: str) -> Any | None:
         """The state saved under ``name``, or None when the run has not reached that point yet."""

@@ -71,7 +71,7 @@ class Scorer:
         if self.scoring not in SCORING_MODES:
             raise ValueError(f"unknown scoring {self.scoring!r}; expected one of {SCORING_MODES}")
         # Generate each distinct greedy chat of a batch once. Off only to model code that has no such
-        # step (W2's reference way, like the paper code, generates every copy).
+        # step (the benchmark's reference way, like the paper code, generates every copy).
         self.dedupe = dedupe
         self.generations = 0
         self.batches = 0

@@ -20,11 +20,10 @@ def fake_bigbench(tmp_path, monkeypatch):
 
 def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer, fake_bigbench, tmp_path,
                                                       monkeypatch, capsys):
-    import metaspo_hf.models.loading as loading
-
-    monkeypatch.setattr(loading, "load_model", lambda spec: (tiny_llama, tiny_tokenizer))
+    # The names bench.main calls (imported from models.loading).
+    monkeypatch.setattr(bench, "load_model", lambda spec: (tiny_llama, tiny_tokenizer))
     # A GGUF path is given, but the llama.cpp environment was never built in this private cache.
-    monkeypatch.setattr(loading, "packaged_gguf_path", lambda name: tmp_path / "model.gguf")
+    monkeypatch.setattr(bench, "packaged_gguf_path", lambda name: tmp_path / "model.gguf")
     out = tmp_path / "results" / "bench.json"
     bench.main(out=str(out), quick=True)
 

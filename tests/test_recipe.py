@@ -1,10 +1,14 @@
 """Recipes: inheritance, overrides, and errors that name the file, the key and the value."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.recipe import list_recipes, load_recipe
+from metaspo_hf.recipe import find_recipe, list_recipes, load_recipe, shipped_recipes
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -24,6 +28,31 @@ def test_every_shipped_recipe_loads():
     for path in list_recipes():
         recipe = load_recipe(str(path))
         assert recipe.name == path.stem
+
+
+def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """`metaspo ls` and recipe names work away from the repository (no ./recipes): the CLI's own lookup,
+    through the package metaspo_hf.recipes, with `inherit: _base.yaml` resolved beside the recipe."""
+    monkeypatch.chdir(tmp_path)
+    listed = {p.name for p in list_recipes()}
+    assert listed == {p.name for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith("_")}
+    assert all(p.parent == shipped_recipes() for p in list_recipes())
+    assert find_recipe("smoke") == shipped_recipes() / "smoke.yaml"
+    assert load_recipe("smoke").search.iterations == load_recipe(str(REPO / "recipes" / "smoke.yaml")).search.iterations
+
+
+def test_pyproject_lists_every_package_folder():
+    """pyproject.toml lists the packages (so that it can map metaspo_hf.recipes onto recipes/): a new
+    folder of metaspo_hf/ must be listed there, or an installed copy would lack it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join(path.relative_to(REPO).parts)
+        for path in [REPO / "metaspo_hf", *(REPO / "metaspo_hf").rglob("*")]
+        if path.is_dir() and path.name != "__pycache__" and any(p.is_file() for p in path.iterdir())
+    }
+    assert set(setuptools["packages"]) == folders | {"metaspo_hf.recipes"}
+    assert setuptools["package-dir"] == {"metaspo_hf.recipes": "recipes"}
 
 
 def test_gpu_recipes_keep_the_paper_budget():
@@ -155,9 +184,9 @@ def test_base_recipe_never_silently_disagrees_with_the_dataclass_defaults():
     a line whose comment says it is the paper's value."""
     import dataclasses
 
-    from metaspo_hf.recipe import RECIPES_DIR, Recipe
+    from metaspo_hf.recipe import Recipe, shipped_recipes
 
-    base = RECIPES_DIR / "_base.yaml"
+    base = shipped_recipes() / "_base.yaml"
     defaults = Recipe().to_dict()
     lines = base.read_text().splitlines()
 

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
+from ..errors import MetaspoError
+from ..models.loading import ModelSpec, load_model, packaged_gguf_path
 from . import w1  # w2 is imported where used, so that `python -m metaspo_hf.bench.w2` runs it alone cleanly
 
 # The targets on W1: engine tok/s over batched generate, and over the best llama.cpp path.
@@ -25,8 +28,6 @@ TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
 
 
 def main(out: str | None = None, quick: bool = False, loglik: bool = False) -> dict:
-    from ..models.loading import ModelSpec, load_model, packaged_gguf_path
-
     name = "smollm2-135m-instruct"
     model, tokenizer = load_model(ModelSpec(name_or_path=name, dtype="float32"))
     results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name)
@@ -60,7 +61,7 @@ def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name
         "engine_identical_to_batched": identity["identical"],
         "identity": identity,
     }
-    from . import w2
+    from . import w2  # see the import of w1
 
     print("[bench] W2: one meta-training iteration, ours and the reference's way", file=sys.stderr, flush=True)
     results["w2"] = _w2(model, tokenizer, w2.QUICK if quick else w2.RunCost())
@@ -107,8 +108,7 @@ def ratios(variants: dict) -> dict:
 
 
 def _w2(model, tokenizer, cost) -> dict:  # cost: w2.RunCost
-    from ..errors import MetaspoError
-    from . import w2
+    from . import w2  # see the import of w1
 
     try:
         return w2.run(model, tokenizer, cost)
@@ -118,8 +118,7 @@ def _w2(model, tokenizer, cost) -> dict:  # cost: w2.RunCost
 
 
 def _loglik(model, tokenizer, quick: bool) -> dict:
-    from ..errors import MetaspoError
-    from . import loglik
+    from . import loglik  # as w2: `python -m metaspo_hf.bench.loglik` runs it alone
 
     print("[bench] loglik: scoring: loglik against generation on multiple-choice questions", file=sys.stderr, flush=True)
     try:
@@ -130,8 +129,6 @@ def _loglik(model, tokenizer, quick: bool) -> dict:
 
 
 def machine(threads: int) -> dict:
-    import transformers
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,13 +176,13 @@ def format_tables(results: dict) -> str:
     lines.append("")
     lines.extend(_w2_lines(results["w2"]))
     if "loglik" in results:
-        from .loglik import lines as loglik_lines
+        from .loglik import lines as loglik_lines  # as w2: see the import of w1
 
         lines += ["", *loglik_lines(results["loglik"])]
     return "\n".join(lines)
 
 
 def _w2_lines(figures: dict) -> list[str]:
-    from . import w2
+    from . import w2  # see the import of w1
 
     return w2.lines(figures)

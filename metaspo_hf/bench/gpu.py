@@ -19,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
+from ..models.loading import ModelSpec, load_model
 from . import machine, w1
 
 # Llama-3.2-3B's published shape; the weights are random, so nothing is downloaded.
@@ -31,15 +33,11 @@ TINY = dict(LLAMA_3_2_3B, hidden_size=64, intermediate_size=128, num_hidden_laye
 
 
 def build_model(shape: dict, quant: str, device: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     config = LlamaConfig(**shape)
     torch.manual_seed(0)
     if quant == "none":
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
     # bitsandbytes quantizes while loading, so the random bf16 weights go through a temporary folder.
-    from transformers import BitsAndBytesConfig
-
     with tempfile.TemporaryDirectory(prefix="metaspo-gpu-bench-") as folder:
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -57,8 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quant", choices=("none", "4bit"), default="none")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, to check the script on CPU")
     args = parser.parse_args(argv)
-
-    from ..models.loading import ModelSpec, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))

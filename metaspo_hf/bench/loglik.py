@@ -18,6 +18,7 @@ agrees best with generation. Run alone with ``python -m metaspo_hf.bench.loglik`
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -27,9 +28,13 @@ from statistics import fmean
 
 import torch
 
+from ..errors import MetaspoError
 from ..models.base import LM, GenerationSettings, make_chat
 from ..models.engine import HFEngine
+from ..models.loading import ModelSpec, load_model
+from ..recipe import load_recipe
 from ..scoring import LOGLIK_CONTINUATION, Scorer, Trial, is_multiple_choice
+from ..tasks import load_suite
 from ..tasks.extract import LETTERS, extract_choice, find_answer_segment
 
 
@@ -64,8 +69,6 @@ VARIANTS = {
 def run(model, tokenizer, workload: Workload = Workload(), tasks=None) -> dict:
     """Both methods (and the continuation variants) on ``tasks`` (default: the suite's multiple-choice
     tasks, ``workload.questions`` test questions each); every figure as a JSON-ready dict."""
-    from ..recipe import load_recipe
-
     torch.set_num_threads(workload.threads)
     recipe = load_recipe(workload.recipe)
     spec = recipe.generation.base
@@ -129,8 +132,6 @@ def run(model, tokenizer, workload: Workload = Workload(), tasks=None) -> dict:
 
 
 def _tasks(workload: Workload):
-    from ..tasks import load_suite
-
     suite = load_suite(workload.suite, seed=workload.seed, train_size=1, test_size=workload.questions)
     return [task for task in [*suite.meta_train, *suite.meta_test]
             if task.test and all(is_multiple_choice(task, ex) for ex in task.test[:workload.questions])]
@@ -217,9 +218,6 @@ def lines(figures: dict) -> list[str]:
 
 def main(out: str | None = None, quick: bool = False) -> dict:
     """This section alone on the embedded model: prints the table block, writes the JSON to ``out``."""
-    from ..errors import MetaspoError
-    from ..models.loading import ModelSpec, load_model
-
     model, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
     try:
         figures = run(model, tokenizer, QUICK if quick else Workload())
@@ -233,8 +231,6 @@ def main(out: str | None = None, quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true")

@@ -34,9 +34,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from ..models.base import LM, GenerationSettings
 from ..models.cache import CachedEngine
 from ..models.engine import HFEngine
+from ..models.loading import ModelSpec, load_model
 from ..search import SearchConfig, run_search
 from ..tasks.registry import load_task
 
@@ -190,8 +193,6 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     """W2 alone on the embedded model: prints the table, writes the JSON (``--out``)."""
-    from ..models.loading import ModelSpec, load_model
-
     parser = argparse.ArgumentParser(prog="python -m metaspo_hf.bench.w2", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON file for the figures")
     parser.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke check")
@@ -200,8 +201,6 @@ def main(argv: list[str] | None = None) -> dict:
     cost = QUICK if args.quick else RunCost()
     if args.train_size:
         cost = replace(cost, train_size=args.train_size)
-    import torch
-
     torch.set_num_threads(2)  # as W1: the 2 cores of the reference machine
     model, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
     figures = run(model, tokenizer, cost)

@@ -142,8 +142,8 @@ class ModelSpec:
     batch_size: int = 32
     # Reuse the shared system-prompt KV cache across the rows of a batch.
     prefix_reuse: bool = True
-    # On CPU, run linear layers on oneDNN-packed weights: 1.4-1.7x faster decode matmuls here, at the
-    # cost of a second copy of those weights (skipped past 4 GiB of them; docs/benchmarks.md).
+    # On CPU, run linear layers on oneDNN-packed weights: faster decode matmuls, at the cost of a second
+    # copy of those weights (skipped past 4 GiB of them; measured in docs/benchmarks.md).
     packed_linears: bool = True
 
     def __post_init__(self):
@@ -191,7 +191,7 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
 
 def check_loadable(spec: ModelSpec) -> ModelSource:
     """What can be known without loading weights: the source exists, and the hardware fits the settings."""
-    import torch
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     if spec.quantization != "none" and not torch.cuda.is_available():
         raise MetaspoError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes), and none is visible",
@@ -331,7 +331,7 @@ def _staged(target: Path, folder: bool = False):
 
 
 def _torch_dtype(spec: ModelSpec, on_cuda: bool):
-    import torch
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     if spec.dtype == "auto":
         return "auto" if on_cuda else torch.float32
@@ -340,6 +340,7 @@ def _torch_dtype(spec: ModelSpec, on_cuda: bool):
 
 def load_model(spec: ModelSpec):
     """Returns (model, tokenizer) ready for generation, on the best available device."""
+    # Not at the top: torch and transformers load slowly, and `metaspo --help` should not wait for them.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -376,6 +377,7 @@ def load_model(spec: ModelSpec):
 
 
 def _bnb_config(spec: ModelSpec):
+    # Not at the top: torch and transformers load slowly, and `metaspo --help` should not wait for them.
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -386,8 +388,8 @@ def _bnb_config(spec: ModelSpec):
 
 
 def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
-    """A safetensors copy of a GGUF model in the user cache: dequantizing takes ~20 s, loading this ~1 s."""
-    import torch
+    """A safetensors copy of a GGUF model in the user cache: loading it is much faster than dequantizing again."""
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     # "auto" means float32 here: GGUF weights are dequantized, and CPU half precision is a deliberate choice.
     dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
@@ -397,7 +399,7 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     target = cache_dir("models") / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # not at the top: slow to load
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
@@ -413,7 +415,7 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
 
 def load_engines(base_spec: ModelSpec, optimizer_spec: ModelSpec | None, progress: bool = True):
     """(base engine, optimizer engine); one loaded model serves both roles when the specs name the same model."""
-    from .engine import HFEngine
+    from .engine import HFEngine  # not at the top: the engine imports torch, which `metaspo --help` skips
 
     def build(spec: ModelSpec) -> HFEngine:
         model, tokenizer = load_model(spec)

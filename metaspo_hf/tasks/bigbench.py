@@ -63,7 +63,8 @@ def _pip_index() -> str:
     configured = os.environ.get("PIP_INDEX_URL")
     if configured:
         return configured
-    from pip._internal.models.index import PyPI  # pip's default index; stable across pip releases
+    # pip's default index, stable across pip releases; imported here since only a download needs pip.
+    from pip._internal.models.index import PyPI
 
     return PyPI.simple_url
 

@@ -189,7 +189,7 @@ def _builder_for(files: list[str]) -> str | None:
 
 def _read_local(files: list[str]):
     """Local files through the datasets readers (unlike load_dataset, they never contact the Hub)."""
-    import datasets
+    import datasets  # not at the top: slow to load, and only the Hugging Face tasks need it
 
     readers = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
                "parquet": datasets.Dataset.from_parquet}
@@ -221,7 +221,7 @@ def read_rows(task_name: str, spec: DatasetSpec, split: str, data_dir: str | Non
 
 
 def _load_split(spec: DatasetSpec, split: str, files: list[str]):
-    import datasets
+    import datasets  # not at the top: slow to load, and only the Hugging Face tasks need it
 
     if files and not any(_URL.match(path) for path in files):
         return _read_local(files)
@@ -232,7 +232,7 @@ def _load_split(spec: DatasetSpec, split: str, files: list[str]):
 
 
 def _select_rows(loaded, spec: DatasetSpec) -> list[dict]:
-    import datasets
+    import datasets  # not at the top: slow to load, and only the Hugging Face tasks need it
 
     if isinstance(loaded, datasets.IterableDataset):
         rows = []

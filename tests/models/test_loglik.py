@@ -221,10 +221,9 @@ def test_recipe_scoring_key_is_validated(tmp_path):
 
 def test_pipeline_base_lm_carries_the_scoring(monkeypatch):
     from metaspo_hf import pipeline
-    from metaspo_hf.models import loading
 
     fake = FakeEngine(lambda chat, s, k: "")
-    monkeypatch.setattr(loading, "load_engines", lambda *args, **kwargs: (fake, fake))
+    monkeypatch.setattr(pipeline, "load_engines", lambda *args, **kwargs: (fake, fake))
     base, optimizer, _ = pipeline.load_lms(load_recipe("smollm2-135m-cpu", ["scoring=loglik"]))
     assert (base.scoring, optimizer.scoring) == ("loglik", "generate")
     from metaspo_hf.tasks import Suite

@@ -4,76 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import statistics
 
 import pytest
 from matplotlib.image import imread
+from synthetic import LABELS, TASKS, synthetic_result
 
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.evaluation.labels import TABLE_ORDER
 from metaspo_hf.files import write_json_atomic
-from metaspo_hf.report import compare_runs, validate_result, write_report
+from metaspo_hf.report import compare_runs, write_report
 from metaspo_hf.runs import RunDir
 from metaspo_hf.stats import describe, paired_difference
-
-TASKS = ("logical_deduction", "object_counting", "navigate")
-LABELS = (*TABLE_ORDER, "my_prompt")
-
-
-def synthetic_result(seed: int = 0, recipe: str = "smoke") -> dict:
-    rng = random.Random(seed)
-    scores = {
-        task: {
-            # Extra keys, such as the per-user-prompt scores the protocol keeps, are allowed.
-            label: {
-                "mean": round(rng.random(), 4),
-                "sd": round(rng.random() / 5, 4),
-                "n": 10,
-                "scores": [0.5] * 10,
-            }
-            for label in LABELS
-        }
-        for task in TASKS
-    }
-    return {
-        "recipe": recipe,
-        "model": "smollm2-135m",
-        "seed": seed,
-        "method": "metaspo",
-        "optimized_system_prompt": f"Think before answering (seed {seed}); put the answer in tags.",
-        "system_prompts": {label: f"prompt for {label}" for label in LABELS},
-        "scores": scores,
-        "overall": {label: statistics.fmean(scores[t][label]["mean"] for t in TASKS) for label in LABELS},
-        "adaptation": {
-            task: {"default": [rng.random() for _ in range(4)], "metaspo": [rng.random() for _ in range(4)]}
-            for task in TASKS[:2]
-        },
-        "meta_train": {
-            method: [
-                {
-                    "iteration": i,
-                    "incumbent_score": 0.3 + 0.1 * i,
-                    # Iteration 0 is the starting point: no candidate was written in it.
-                    "best_candidate_score": None if i == 0 else 0.35 + 0.1 * i,
-                    "adopted": i % 2 == 0 and i > 0,
-                    "optimizer_calls": 0 if i == 0 else 12,
-                    "base_generations": 150 * (i + 1),
-                }
-                for i in range(4)
-            ]
-            for method in ("metaspo", "outer_only")
-        },
-        "costs": {
-            "base_generations": 1200 + seed,
-            "generated_tokens": 45678,
-            "prefill_tokens": 123456,
-            "optimizer_calls": 42,
-            "cache_hits": 7,
-            "seconds": 321.5,
-        },
-        "wall_seconds": 3725.0,
-    }
 
 
 def write_run(folder, result):
@@ -172,32 +113,6 @@ def test_prompt_with_backticks_stays_inside_its_fence(tmp_path):
     result["optimized_system_prompt"] = "Answer in ```code``` blocks."
     text = write_report(write_run(tmp_path, result)).read_text()
     assert "````text\nAnswer in ```code``` blocks.\n````" in text
-
-
-@pytest.mark.parametrize(
-    ("path", "message"),
-    [
-        (("costs", "cache_hits"), "missing key 'costs.cache_hits'"),
-        (("scores", TASKS[0], "metaspo", "sd"), f"missing key 'scores.{TASKS[0]}.metaspo.sd'"),
-        (("optimized_system_prompt",), "missing key 'optimized_system_prompt'"),
-    ],
-)
-def test_validate_result_names_the_missing_key(path, message):
-    result = synthetic_result()
-    container = result
-    for key in path[:-1]:
-        container = container[key]
-    del container[path[-1]]
-    with pytest.raises(MetaspoError) as caught:
-        validate_result(result)
-    assert message in caught.value.message
-
-
-def test_validate_result_names_a_wrongly_typed_value():
-    result = synthetic_result()
-    result["scores"][TASKS[1]]["cot"]["n"] = "ten"
-    with pytest.raises(MetaspoError, match=f"'scores.{TASKS[1]}.cot.n' should be an integer"):
-        validate_result(result)
 
 
 def test_report_on_an_unfinished_run_is_a_clear_error(tmp_path):
