@@ -21,8 +21,8 @@ policy (see docs/method.md):
   may be quoted (``ignore``);
 - a reply that answers us ("Understood. Please provide the task...") is not a prompt, and neither is
   a system prompt that speaks to the user ("I am a helpful assistant. Please provide a task...");
-- a reply that stops mid-sentence without closing its prompt tag was cut off by the token limit, and
-  its prompt is incomplete (a closed tag, or a final full stop, says the writer finished).
+- a reply that opens a prompt tag and stops mid-sentence without closing it was cut off by the token
+  limit, and its prompt is incomplete (a closed tag, or a final full stop, says the writer finished).
 
 Nothing here raises on any input string.
 """
@@ -133,9 +133,10 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
 
 
 def _cut_off(text: str) -> bool:
-    """Whether the reply may have been stopped by the token limit: it never closes its last prompt tag."""
+    """Whether the reply was stopped inside a prompt by the token limit: it opened a prompt tag and never
+    closed it. (A reply with no tag at all gives no such sign, and is taken whole, as before.)"""
     tokens = [m for m in _TAG_TOKEN.finditer(text) if tag_family(m.group(2)) == PROMPT_TAG]
-    return not tokens or not tokens[-1].group(1)
+    return bool(tokens) and not tokens[-1].group(1)
 
 
 def _user_address_reason(prompt: str) -> str | None:

@@ -23,7 +23,7 @@ SHORT_TASKS = "tasks.meta_train=[bigbench:navigate,logical_deduction]"
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     return {**os.environ, "HF_HUB_OFFLINE": "1", "METASPO_CACHE": str(root / "cache"),
-            "METASPO_BIGBENCH_ARCHIVE": str(write_fake_bigbench(root / "archive"))}
+            "METASPO_BIGBENCH_ARCHIVE": str(write_fake_bigbench(root / "archive", count=60))}
 
 
 def command(out: Path, *overrides: str) -> list[str]:

@@ -196,7 +196,7 @@ def test_a_user_prompt_may_restate_what_the_task_questions_share_but_not_quote_o
 
 @pytest.mark.parametrize("reply", [
     "<analysis>ok</analysis><prompt>Read carefully. Please provide a detailed, clear, and comprehensive set of instructions in the",
-    "Read carefully and then give a detailed, clear and complete",
+    "<prompt>\nRead carefully and then give a detailed, clear and complete",
 ])
 def test_a_prompt_cut_off_by_the_length_limit_is_incomplete(reply):
     parsed = parse_prompt(reply, "system", LIMIT)
