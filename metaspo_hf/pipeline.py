@@ -149,7 +149,9 @@ def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
                  data_dir=recipe.tasks.data_dir)
     # Meta-train tasks also hold the validation guard's questions, after the search's own.
     train_size = recipe.search.train_size + recipe.search.validation_size
-    suite = load_suite(recipe.tasks.suite, domains=recipe.tasks.domains, meta_train_size=train_size, **sizes)
+    # (Only when the suite's own meta-train tasks are the ones used: listed ones replace them.)
+    suite = load_suite(recipe.tasks.suite, domains=recipe.tasks.domains,
+                       meta_train_size=None if recipe.tasks.meta_train else train_size, **sizes)
     train = ([load_task(name, **{**sizes, "train_size": train_size}) for name in recipe.tasks.meta_train]
              if recipe.tasks.meta_train else suite.meta_train)
     names = test_task_names or recipe.tasks.meta_test

@@ -16,7 +16,7 @@ LABELS = ["none", "default", "cot", "service", "outer_only", "sprig", "metaspo"]
 
 @pytest.fixture
 def offline_bigbench(tmp_path, monkeypatch):
-    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive")))
+    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive", count=60)))
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
