@@ -22,6 +22,7 @@ from .evaluation.protocols import (
 from .models.base import LM, GenerationSettings, make_chat
 from .models.cache import CachedEngine
 from .models.loading import PACKAGED_MODELS, check_loadable, load_engines, resolve_source
+from .models.parallel import SINGLE, Processes
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
 from .reference_files import read_fixed_user_prompts, read_system_prompt
 from .report import compare_runs, write_report
@@ -48,7 +49,12 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
         resume: str | None = None, system_prompt_files: list[str] | None = None,
         task_names: list[str] | None = None) -> Path:
     """Run ``phases`` of a recipe into a run folder (new, or resumed: finished generations replay from
-    its response cache) and write result.json and the report. Returns the run folder."""
+    its response cache) and write result.json and the report. Returns the run folder.
+
+    Launched on several processes (``accelerate launch``, ``torchrun``), every process runs this whole
+    function and takes the same decisions; the engines share out their work (models/parallel.py), and
+    only the main process touches the run folder, sharing what it reads from it."""
+    processes = Processes.launched()
     # 1. Recipe, system prompt file and tasks are checked before anything is written.
     recipe = load_recipe(recipe_name, overrides)
     # Labelled by file name; the first file's prompt is the one the run is about.
@@ -57,27 +63,35 @@ def run(recipe_name: str, overrides: list[str], phases: tuple[str, ...], output_
     fixed_prompts = _fixed_user_prompts(recipe, suite) if "evaluate" in phases else None
     check_models(recipe)
 
-    # 2. The run folder: new, or the interrupted one being resumed.
-    run_dir = _open_run(recipe, output_dir, resume)
-    if fixed_prompts and not run_dir.user_prompts_file.exists():
+    # 2. The run folder: new, or the interrupted one being resumed (the main process's; the others
+    #    only learn its path).
+    main = processes.is_main
+    run_dir = _open_run(recipe, output_dir, resume) if main else None
+    shared_path = processes.share(run_dir.path if main else None)
+    run_dir = run_dir or RunDir(shared_path)
+    if main and fixed_prompts and not run_dir.user_prompts_file.exists():
         # Saved as the run's user prompts, so the protocol scores them instead of writing its own.
         save_user_prompts(run_dir.user_prompts_file, fixed_prompts)
     try:
-        return _execute(recipe, suite, run_dir, phases, file_prompts)
+        return _execute(recipe, suite, run_dir, processes, phases, file_prompts)
     except KeyboardInterrupt:
-        run_dir.log({"event": "interrupted"})
+        if main:
+            run_dir.log({"event": "interrupted"})
         raise RunInterrupted(run_dir.path) from None
     finally:
         run_dir.unlock()
 
 
-def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_prompts: dict[str, str]) -> Path:
-    on_event = _event_sink(run_dir)
-    on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path)})
+def _execute(recipe: Recipe, suite, run_dir: RunDir, processes: Processes, phases: tuple[str, ...],
+             file_prompts: dict[str, str]) -> Path:
+    main = processes.is_main
+    on_event = _event_sink(run_dir if main else None)
+    on_event({"event": "start", "phases": list(phases), "run_dir": str(run_dir.path),
+              **({"processes": processes.count} if processes.count > 1 else {})})
     started = time.perf_counter()
 
     # 3. Models. The response cache lives in the run folder: a resumed run replays finished generations.
-    base, optimizer, engines = load_lms(recipe, run_dir.responses_db)
+    base, optimizer, engines = load_lms(recipe, run_dir.responses_db, processes=processes)
     if recipe.scoring == "loglik":
         on_event(_scoring_event(recipe, suite))
 
@@ -87,8 +101,10 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
         methods = [recipe.search.method] + [m for m in recipe.evaluation.compare
                                              if m in system_prompt_methods() and m != recipe.search.method]
         for method in methods:
-            searches[method] = _search_once(run_dir, method, suite.meta_train, base, optimizer, recipe, on_event)
-        run_dir.write_json(RunDir.NODES, {m: s.nodes for m, s in searches.items()})
+            searches[method] = _search_once(run_dir, processes, method, suite.meta_train, base, optimizer, recipe,
+                                            on_event)
+        if main:
+            run_dir.write_json(RunDir.NODES, {m: s.nodes for m, s in searches.items()})
 
     # 5. The system prompts to compare on unseen tasks.
     system_prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
@@ -100,16 +116,18 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
     # 6. Protocols on the unseen tasks.
     scores, adaptation, comparisons = {}, {}, {}
     if "evaluate" in phases:
-        if run_dir.user_prompts_file.exists():
-            user_prompts = load_user_prompts(run_dir.user_prompts_file)
-        else:
+        saved = run_dir.user_prompts_file
+        user_prompts = processes.share(load_user_prompts(saved) if main and saved.exists() else None)
+        if user_prompts is None:
             user_prompts = write_user_prompts(suite.meta_test, optimizer, recipe.evaluation.user_prompts_per_task,
                                               seed=recipe.seed, demos=recipe.evaluation.demos, search=recipe.search,
                                               on_event=on_event)
-            save_user_prompts(run_dir.user_prompts_file, user_prompts)
+            if main:
+                save_user_prompts(run_dir.user_prompts_file, user_prompts)
         scores = unseen_generalization(suite.meta_test, system_prompts, user_prompts, base, on_event=on_event)
         items = item_rows(suite.meta_test, scores, recipe.seed)
-        run_dir.write_items(items)
+        if main:
+            run_dir.write_items(items)
         # The run's prompt against every other one, paired on the same items (stats.py).
         comparisons = {label: paired_difference(items, main_label, label, seed=recipe.seed)
                        for label in system_prompts if label != main_label and main_label in system_prompts}
@@ -120,7 +138,9 @@ def _execute(recipe: Recipe, suite, run_dir, phases: tuple[str, ...], file_promp
                                           seed=recipe.seed, on_event=on_event, search=recipe.search,
                                           test_size=recipe.evaluation.adapt_test_size)
 
-    # 7. Result and report.
+    # 7. Result and report, by the main process.
+    if not main:
+        return run_dir.path
     result = build_result(
         recipe=recipe.name,
         model=recipe.model.name_or_path,
@@ -167,18 +187,20 @@ def _fixed_user_prompts(recipe: Recipe, suite) -> dict[str, list[str]] | None:
                                    recipe.evaluation.user_prompts_per_task)
 
 
-def _search_once(run_dir, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe, on_event):
+def _search_once(run_dir: RunDir, processes: Processes, method: str, tasks, base: LM, optimizer: LM, recipe: Recipe,
+                 on_event):
     """Run one search, checkpointed when done: a resumed run restores it (and its call counts)
     instead of replaying it from the response cache."""
     name = f"search-{method}"
-    saved = run_dir.load_checkpoint(name)
+    saved = processes.share(run_dir.load_checkpoint(name) if processes.is_main else None)
     if saved is not None:
         base.usage.chats += saved["base_chats"]
         optimizer.usage.chats += saved["optimizer_chats"]
         return SearchResult(**saved["result"])
     before = base.usage.chats, optimizer.usage.chats
     result = run_search(method, tasks, base, optimizer, recipe.search, seed=recipe.seed, on_event=on_event)
-    run_dir.save_checkpoint(name, {"result": result.to_dict(), "base_chats": base.usage.chats - before[0],
+    if processes.is_main:
+        run_dir.save_checkpoint(name, {"result": result.to_dict(), "base_chats": base.usage.chats - before[0],
                                    "optimizer_chats": optimizer.usage.chats - before[1]})
     return result
 
@@ -188,12 +210,15 @@ def check_models(recipe: Recipe) -> None:
         check_loadable(spec)
 
 
-def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = True):
+def load_lms(recipe: Recipe, responses_db: Path | None = None, progress: bool = True,
+             processes: Processes = SINGLE):
     """(base LM, optimizer LM, engines); the engines are wrapped in the run's response cache."""
-    base_engine, optimizer_engine = load_engines(recipe.model, recipe.optimizer_model, progress=progress)
+    base_engine, optimizer_engine = load_engines(recipe.model, recipe.optimizer_model, progress=progress,
+                                                 processes=processes)
     engines = {id(base_engine): base_engine, id(optimizer_engine): optimizer_engine}
     if responses_db is not None:
-        engines = {key: CachedEngine(engine, responses_db, model_id=engine.name) for key, engine in engines.items()}
+        engines = {key: CachedEngine(engine, responses_db, model_id=engine.name, processes=processes)
+                   for key, engine in engines.items()}
     # Every Scorer built on the base LM (search and both protocols) scores the way the recipe says.
     base = LM(engines[id(base_engine)], _settings(recipe.generation.base, recipe.seed), role="base",
               scoring=recipe.scoring)
@@ -215,9 +240,12 @@ def _scoring_event(recipe: Recipe, suite) -> dict:
             "generated_tasks": [name for name in tasks if name not in by_loglik]}
 
 
-def _event_sink(run_dir):
-    """Each event is appended to the run's log and shown as one short line on the terminal."""
+def _event_sink(run_dir: RunDir | None):
+    """Each event is appended to the run's log and shown as one short line on the terminal; nothing
+    without a run folder (the processes of a run other than the main one)."""
     def sink(event: dict) -> None:
+        if run_dir is None:
+            return
         run_dir.log(event)
         print(f"[metaspo] {_describe(event)}", file=sys.stderr, flush=True)
 

@@ -1,6 +1,7 @@
-"""`metaspo bench`: the generation engine against plain transformers and llama.cpp (W1), and the cost
-of one meta-training iteration our way against the reference's way (W2); with ``--loglik``, also
-`scoring: loglik` against generative scoring on multiple-choice questions (``loglik.py``).
+"""`metaspo bench`: the generation engine against plain transformers and llama.cpp (W1), the cost
+of one meta-training iteration our way against the reference's way (W2), and the engine on 2
+processes against one (``parallel.py``); with ``--loglik``, also `scoring: loglik` against
+generative scoring on multiple-choice questions (``loglik.py``).
 
 Prints both tables and writes every figure as JSON (``--out``, default
 ``bench/results/<timestamp>.json``). ``collect`` does the measuring on any loaded model, so the tests
@@ -33,6 +34,10 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False) -> d
     results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name)
     if loglik:
         results["loglik"] = _loglik(model, tokenizer, quick)
+    from . import parallel  # as w2: `python -m metaspo_hf.bench.parallel` runs it alone
+
+    results["data_parallel"] = parallel.run(processes=2, model_name=name, quick=quick,
+                                             threads=w1.Workload().threads)
     print(format_tables(results))
     path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,14 @@ def _llama_cpp(workload: w1.Workload, tokenizer, gguf: Path | None, hf: dict) ->
         return {"skipped": "every llama.cpp path failed", "paths": paths}
     best = max(ran, key=lambda p: paths[p]["tok_s"])
     return {**paths[best], "path": best, "version": measured["version"], "paths": paths}
+
+
+def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
+    """How a benchmark run on its own ends: its table on the terminal, its figures as JSON in ``out``."""
+    print("\n".join(table))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def ratios(variants: dict) -> dict:
@@ -179,6 +192,10 @@ def format_tables(results: dict) -> str:
         from .loglik import lines as loglik_lines  # as w2: see the import of w1
 
         lines += ["", *loglik_lines(results["loglik"])]
+    if "data_parallel" in results:
+        from .parallel import lines as parallel_lines  # as w2: see the import of w1
+
+        lines += ["", *parallel_lines(results["data_parallel"])]
     return "\n".join(lines)
 
 

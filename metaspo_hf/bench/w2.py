@@ -27,7 +27,6 @@ Run alone with ``python -m metaspo_hf.bench.w2`` (``--quick``, ``--out FILE``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from ..models.engine import HFEngine
 from ..models.loading import ModelSpec, load_model
 from ..search import SearchConfig, run_search
 from ..tasks.registry import load_task
+from . import print_and_write
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)  # as W1: the 2 cores of the reference machine
     model, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
     figures = run(model, tokenizer, cost)
-    print("\n".join(lines(figures)))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    print_and_write(lines(figures), figures, args.out)
     return figures
 
 

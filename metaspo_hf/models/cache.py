@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import MetaspoError
 from .base import Chat, Engine, EngineStats, GenerationSettings, LoglikRequest, chat_key, sample_indices
+from .parallel import SINGLE, Processes
 
 # SQLite allows at least 999 bound parameters per statement on every build still in use.
 _LOOKUP_CHUNK = 500
@@ -41,15 +42,24 @@ class CachedEngine:
 
     Each ``generate`` call does one lookup, at most one call to the wrapped engine, and one
     committed transaction; a process killed mid-call loses only that call.
+
+    With several processes (``parallel.py``) only the main one opens the file: it looks up each call and
+    shares what it found, every process then sends the same misses to its engine (which shares out the
+    work), and the main process stores the results.
     """
 
-    def __init__(self, engine: Engine, path: str | Path, model_id: str | None = None):
+    def __init__(self, engine: Engine, path: str | Path, model_id: str | None = None,
+                 processes: Processes = SINGLE):
         self.engine = engine
         self.path = Path(path)
         # The engine's own name identifies the loaded model when the caller has no better id.
         self.model_id = model_id if model_id is not None else engine.name
         self.name = engine.name
+        self.processes = processes
         self._session = EngineStats()
+        self._db = None
+        if not processes.is_main:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, timeout=30)
@@ -93,7 +103,7 @@ class CachedEngine:
         groups = [chat_key(chat) for chat in chats]  # canonical chat JSON per position
         indices = sample_indices(chats)  # sample index k per position
         keys = [self._key(group, settings_key, k) for group, k in zip(groups, indices, strict=True)]
-        stored = self._lookup(keys)
+        stored = self.processes.share(self._lookup(keys) if self._db else None)
 
         # The wrapped engine numbers identical chats by their order in the call it receives, so a
         # missing copy k is requested together with copies 0..k-1 of its chat (a subsequence of
@@ -115,12 +125,7 @@ class CachedEngine:
             after = self.engine.stats.as_dict()
             spent.add(EngineStats(**{name: after[name] - before[name] for name in after}))
 
-        with self._db:  # one transaction: this call's rows and counters, or nothing
-            self._db.executemany(
-                "INSERT OR IGNORE INTO responses (key, response) VALUES (?, ?)",
-                [(keys[i], text) for i, text in zip(request, fresh, strict=True)],
-            )
-            self._add_totals(spent)
+        self._store("responses", [(keys[i], text) for i, text in zip(request, fresh, strict=True)], spent)
         self._session.add(spent)
         for i, text in zip(request, fresh, strict=True):
             # A copy that was already stored keeps its stored text, so replays never change.
@@ -135,7 +140,7 @@ class CachedEngine:
         if not requests:
             return []
         keys = [self._loglik_key(chat, continuation) for chat, continuation in requests]
-        stored = self._lookup(keys, table="loglikelihoods", column="value")
+        stored = self.processes.share(self._lookup(keys, table="loglikelihoods", column="value") if self._db else None)
         missing: dict[str, int] = {}  # key -> first position asking for it
         for i, key in enumerate(keys):
             if key not in stored:
@@ -147,24 +152,29 @@ class CachedEngine:
             fresh = self.engine.loglikelihood([requests[i] for i in missing.values()], desc=desc)
             after = self.engine.stats.as_dict()
             spent.add(EngineStats(**{name: after[name] - before[name] for name in after}))
-        with self._db:  # one transaction: this call's rows and counters, or nothing
-            self._db.executemany(
-                "INSERT OR IGNORE INTO loglikelihoods (key, value) VALUES (?, ?)",
-                [(key, float(value)) for key, value in zip(missing, fresh, strict=True)],
-            )
-            self._add_totals(spent)
+        self._store("loglikelihoods", [(key, float(value)) for key, value in zip(missing, fresh, strict=True)], spent)
         self._session.add(spent)
         stored.update(zip(missing, map(float, fresh), strict=True))
         return [stored[key] for key in keys]
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     def __enter__(self) -> CachedEngine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _store(self, table: str, rows: list[tuple], spent: EngineStats) -> None:
+        """One transaction: this call's rows and counters, or nothing (the main process's file only)."""
+        if self._db is None:
+            return
+        column = "response" if table == "responses" else "value"
+        with self._db:
+            self._db.executemany(f"INSERT OR IGNORE INTO {table} (key, {column}) VALUES (?, ?)", rows)
+            self._add_totals(spent)
 
     def _add_totals(self, spent: EngineStats) -> None:
         self._db.executemany(

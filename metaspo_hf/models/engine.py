@@ -38,6 +38,7 @@ from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_ind
 from .batching import split_on_oom
 from .loglik import loglikelihood
 from .packed import on_packed_weights, packed_linear_weights
+from .parallel import SINGLE, Processes
 from .prefix import (
     SHARED_PREFIX_MAX_SCORES,
     SHARED_PREFIX_SOURCES,
@@ -62,6 +63,7 @@ class HFEngine:
         progress: bool = True,
         suppress_eos: bool = False,
         packed_linears: bool = True,
+        processes: Processes = SINGLE,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -74,6 +76,8 @@ class HFEngine:
         # Benchmarks generate exactly max_new_tokens: EOS logits are masked, as generate's min_new_tokens does.
         self.suppress_eos = suppress_eos
         self.stats = EngineStats()
+        # The run's processes share each call's chunks (parallel.py); one process runs them all.
+        self.processes = processes
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         # Step 7 of the module doc; {} where it does not apply (e.g. on a GPU).
@@ -105,19 +109,31 @@ class HFEngine:
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
             groups.setdefault(system, []).append(row)
 
-        outputs: list[list[int]] = [[] for _ in rows]
+        for group in groups.values():
+            prefix = self.plan_prefix(group)
+            for row in group:
+                row.prefix = prefix
+        self.stats.prefill_tokens += sum(group[0].prefix.length for group in groups.values())
+
         bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
-                   disable=not self.progress or None, leave=False)
+                   disable=not (self.progress and self.processes.is_main) or None, leave=False)
+
+        def run(chunk: list[Row]) -> list[tuple[int, list[int]]]:
+            for row in chunk:
+                self.fill_prefix(row.prefix)
+            done = split_on_oom(self, chunk, lambda rows: list(self._generate_chunk(rows, settings)), shrink_batch=True)
+            bar.update(len(chunk))
+            return [(row.index, ids) for row, ids in done]
+
+        def cost(chunk: list[Row]) -> int:  # in tokens: the prompts' own, plus the most it may generate
+            return sum(len(r.suffix) for r in chunk) + len(chunk) * settings.max_new_tokens
+
+        outputs: list[list[int]] = [[] for _ in rows]
         with torch.inference_mode(), on_packed_weights(self.packed):
-            for group in groups.values():
-                prefix = self.prefill_prefix(group)
-                for row in group:
-                    row.prefix = prefix
-            for chunk in self._chunks(list(groups.values()) if self.prefix_reuse else [rows]):
-                for row, ids in split_on_oom(self, chunk, lambda rows: list(self._generate_chunk(rows, settings)),
-                                             shrink_batch=True):
-                    outputs[row.index] = ids
-                bar.update(len(chunk))
+            chunks = self._chunks(list(groups.values()) if self.prefix_reuse else [rows])
+            for done in self.processes.share_work(chunks, cost, run, self.stats):
+                for index, ids in done:
+                    outputs[index] = ids
         bar.close()
         self.stats.calls += 1
         self.stats.prompts += len(rows)
@@ -125,19 +141,23 @@ class HFEngine:
         return outputs
 
     # ---- internals -------------------------------------------------------------------------
-    def prefill_prefix(self, group: list[Row]) -> Prefix:
-        """KV of the group's common token prefix (batch 1); empty when reuse is off."""
+    def plan_prefix(self, group: list[Row]) -> Prefix:
+        """The group's common token prefix (KV not computed yet: ``fill_prefix``); empty when reuse is off."""
         length = common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
         # Every row needs at least one token of its own to produce its first logits.
-        length = min([length] + [len(r.ids) - 1 for r in group])
-        if length <= 0:
-            return Prefix(0, None)
-        ids = torch.tensor([group[0].ids[:length]], device=self.model.device)
+        length = max(0, min([length] + [len(r.ids) - 1 for r in group]))
+        return Prefix(group[0].ids[:length])
+
+    def fill_prefix(self, prefix: Prefix) -> None:
+        """Computes the prefix's KV (batch 1) unless it is empty or done. Its tokens are counted by the
+        caller, once per call, however many processes compute it."""
+        if prefix.length == 0 or prefix.kv is not None:
+            return
+        ids = torch.tensor([prefix.tokens], device=self.model.device)
         cache = DynamicCache(config=self.model.config)
         # logits_to_keep=1: the prefix's logits are never read, and the vocabulary projection is a fifth of the work.
         self.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
-        self.stats.prefill_tokens += length
-        return Prefix(length, [(layer.keys, layer.values) for layer in cache.layers])
+        prefix.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _chunks(self, groups: list[list[Row]]) -> list[list[Row]]:
         """Rows cut into chunks of ``batch_size``, short suffixes first (so padding stays small). Each group

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import MetaspoError
 from ..paths import cache_dir
+from .parallel import SINGLE, Processes
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -338,8 +339,9 @@ def _torch_dtype(spec: ModelSpec, on_cuda: bool):
     return getattr(torch, spec.dtype)
 
 
-def load_model(spec: ModelSpec):
-    """Returns (model, tokenizer) ready for generation, on the best available device."""
+def load_model(spec: ModelSpec, processes: Processes = SINGLE):
+    """Returns (model, tokenizer) ready for generation, on the best available device: with several
+    processes on a machine, on this process's share of its GPUs."""
     # Not at the top: torch and transformers load slowly, and `metaspo --help` should not wait for them.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -361,6 +363,10 @@ def load_model(spec: ModelSpec):
     if spec.quantization != "none":
         model_kwargs["quantization_config"] = _bnb_config(spec)
         model_kwargs.setdefault("device_map", "auto")
+    gpus = processes.gpus(torch.cuda.device_count()) if on_cuda else []
+    if gpus and processes.local_count > 1 and model_kwargs.get("device_map") == "auto":
+        # Each process shards its own copy over its own GPUs only.
+        model_kwargs["max_memory"] = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
@@ -370,7 +376,7 @@ def load_model(spec: ModelSpec):
         raise MetaspoError(f"could not load model {spec.name_or_path!r}: {str(exc).splitlines()[0]}", hint=hint,
                            key="name_or_path") from None
     if on_cuda and "device_map" not in model_kwargs:
-        model = model.to("cuda")
+        model = model.to(f"cuda:{gpus[0]}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -413,14 +419,18 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     return target
 
 
-def load_engines(base_spec: ModelSpec, optimizer_spec: ModelSpec | None, progress: bool = True):
-    """(base engine, optimizer engine); one loaded model serves both roles when the specs name the same model."""
+def load_engines(base_spec: ModelSpec, optimizer_spec: ModelSpec | None, progress: bool = True,
+                 processes: Processes = SINGLE):
+    """(base engine, optimizer engine); one loaded model serves both roles when the specs name the same model.
+    With several processes, each loads its own copy; the main one first (it fills the model cache)."""
     from .engine import HFEngine  # not at the top: the engine imports torch, which `metaspo --help` skips
 
     def build(spec: ModelSpec) -> HFEngine:
-        model, tokenizer = load_model(spec)
+        with processes.main_first():
+            model, tokenizer = load_model(spec, processes)
         return HFEngine(model, tokenizer, name=spec.name_or_path, batch_size=spec.batch_size,
-                        prefix_reuse=spec.prefix_reuse, packed_linears=spec.packed_linears, progress=progress)
+                        prefix_reuse=spec.prefix_reuse, packed_linears=spec.packed_linears, progress=progress,
+                        processes=processes)
 
     base = build(base_spec)
     if optimizer_spec is None or optimizer_spec.identity() == base_spec.identity():

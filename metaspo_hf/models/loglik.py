@@ -11,7 +11,7 @@ How a call is computed (``HFEngine.loglikelihood``):
 1. Requests are grouped by rendered context: each distinct context is one *row* holding its distinct
    continuations (typically the options of one question). Repeated requests are computed once.
 2. Rows sharing a system prompt form a group, as in generation; the group's common token prefix is
-   run through the model once (``HFEngine.prefill_prefix``), stopping at least one token before the
+   run through the model once (``HFEngine.plan_prefix``, ``fill_prefix``), stopping at least one token before the
    end of every context (the last context token's logits predict each continuation's first token).
 3. A row is packed as ``[pads][its own context tokens][its continuations' tokens]``, the continuations
    laid out as a token trie (a prefix they share, such as ``<answer>``, is computed once): each token
@@ -107,24 +107,48 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
         where.append((context, k))
 
     packed = engine.prefix_reuse and engine._attention_source in SHARED_PREFIX_SOURCES
-    bar = tqdm(total=len(contexts), desc=desc or f"loglik ({engine.name})", unit="context",
-               disable=not engine.progress or None, leave=False)
+    # Work units, as one process runs them: (prefix, contexts) for packed chunks on a shared prefix,
+    # (None, [(context, continuation index), ...]) for plain batches.
+    units: list[tuple[Prefix | None, list]] = []
+    for group in groups.values():
+        prefix = engine.plan_prefix([c.row for c in group]) if packed else Prefix([])
+        for context in group:
+            context.row.prefix = prefix
+        engine.stats.prefill_tokens += prefix.length
+        if prefix.length:
+            units += [(prefix, chunk) for chunk in _packed_chunks(engine, group, prefix)]
+        else:
+            items = sorted(((c, k) for c in group for k, ids in enumerate(c.continuations) if ids),
+                           key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
+            units += [(None, items[start:start + engine.batch_size])
+                      for start in range(0, len(items), engine.batch_size)]
+
+    bar = tqdm(total=len(units), desc=desc or f"loglik ({engine.name})", unit="batch",
+               disable=not (engine.progress and engine.processes.is_main) or None, leave=False)
+
+    def run(unit: tuple[Prefix | None, list]) -> list[tuple[int, int, float]]:
+        prefix, chunk = unit
+        if prefix is not None:
+            engine.fill_prefix(prefix)
+            split_on_oom(engine, chunk, lambda rows: _score_packed(engine, rows, prefix) or [])
+            scored = [(c, k) for c in chunk for k in range(len(c.continuations))]
+        else:
+            split_on_oom(engine, chunk, lambda items: _score_plain(engine, items) or [])
+            scored = chunk
+        bar.update(1)
+        return [(c.row.index, k, c.results[k]) for c, k in scored]
+
+    def cost(unit: tuple[Prefix | None, list]) -> int:  # in tokens
+        prefix, chunk = unit
+        if prefix is not None:
+            return sum(c.packed_length for c in chunk)
+        return sum(len(c.row.ids) + len(c.continuations[k]) for c, k in chunk)
+
+    rows = list(contexts.values())
     with torch.inference_mode(), on_packed_weights(engine.packed):
-        for group in groups.values():
-            prefix = engine.prefill_prefix([c.row for c in group]) if packed else Prefix(0, None)
-            for context in group:
-                context.row.prefix = prefix
-            if prefix.kv is not None:
-                for chunk in _packed_chunks(engine, group, prefix):
-                    split_on_oom(engine, chunk, lambda rows, prefix=prefix: _score_packed(engine, rows, prefix) or [])
-                    bar.update(len(chunk))
-            else:
-                items = sorted(((c, k) for c in group for k, ids in enumerate(c.continuations) if ids),
-                               key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
-                for start in range(0, len(items), engine.batch_size):
-                    split_on_oom(engine, items[start:start + engine.batch_size],
-                                 lambda chunk: _score_plain(engine, chunk) or [])
-                bar.update(len(group))
+        for done in engine.processes.share_work(units, cost, run, engine.stats):
+            for index, k, value in done:
+                rows[index].results[k] = value
     bar.close()
     engine.stats.calls += 1
     engine.stats.scored_continuations += sum(len(c.continuations) for c in contexts.values())

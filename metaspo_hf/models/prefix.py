@@ -17,8 +17,15 @@ from transformers.cache_utils import DynamicLayer
 
 @dataclass
 class Prefix:
-    length: int
-    kv: list | None  # per layer (keys, values) of shape [1, heads, length, dim]; None when empty
+    """A group's common leading tokens. Their KV is computed once, when a chunk first needs it
+    (``HFEngine.fill_prefix``): with several processes, only by those that run a chunk of the group."""
+
+    tokens: list[int]
+    kv: list | None = None  # per layer (keys, values) of shape [1, heads, length, dim]; None until computed
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
