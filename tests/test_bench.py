@@ -3,12 +3,14 @@ decides token identity. No timing is asserted: only that the figures are there a
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
 
 from metaspo_hf import bench
-from metaspo_hf.bench import w1
+from metaspo_hf.bench import llama_cpp, parallel, w1
 from metaspo_hf.models.base import GenerationSettings
 from metaspo_hf.models.engine import HFEngine
 
@@ -18,10 +20,14 @@ def fake_bigbench(tmp_path, monkeypatch):
     monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive")))
 
 
-def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer, fake_bigbench, tmp_path,
-                                                      monkeypatch, capsys):
+def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer, tiny_model_dir, fake_bigbench,
+                                                      tmp_path, monkeypatch, capsys):
     # The names bench.main calls (imported from models.loading).
     monkeypatch.setattr(bench, "load_model", lambda spec: (tiny_llama, tiny_tokenizer))
+    # The data-parallel variant launches its own processes: they load the tiny model from its folder.
+    run_parallel = parallel.run
+    monkeypatch.setattr(parallel, "run", lambda **kw: run_parallel(**{**kw, "model_name": str(tiny_model_dir),
+                                                                       "repeats": 1}))
     # A GGUF path is given, but the llama.cpp environment was never built in this private cache.
     monkeypatch.setattr(bench, "packaged_gguf_path", lambda name: tmp_path / "model.gguf")
     out = tmp_path / "results" / "bench.json"
@@ -51,8 +57,12 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         w2["ours"]["generated_tokens"] / w2["reference"]["generated_tokens"], abs=1e-3)
     assert isinstance(w2["same_prompts_selected"], bool)
 
+    assert results["data_parallel"]["identical"] is True
+    assert results["data_parallel"]["2_processes"]["processes"] == 2
+
     printed = capsys.readouterr().out
     assert "W1:" in printed and "W2:" in printed and re.search(r"^llama_cpp +skipped: ", printed, re.M)
+    assert "Data parallel:" in printed
     assert printed.strip().endswith(str(out))
 
 
@@ -83,3 +93,18 @@ def test_suppressed_eos_generates_exactly_max_new_tokens(tiny_llama, tiny_tokeni
     assert all(f == g[: len(f)] for f, g in zip(free, forced, strict=True))
     prompts = w1.prompt_ids(tiny_tokenizer, chats)
     assert forced == w1.hf_generate(tiny_llama, tiny_tokenizer, prompts, 40, {eos})
+
+
+def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_tokenizer, tmp_path, monkeypatch):
+    crash = tmp_path / "worker.py"
+    crash.write_text("import os, signal, sys\nprint('llama_decode: bad batch', file=sys.stderr, flush=True)\n"
+                     "os.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setattr(llama_cpp, "WORKER", crash)
+    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
+    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    hf = {"eos_ids": [], "batched": {"ids": []}}
+    figures = bench._llama_cpp(w1.QUICK, tiny_tokenizer, tmp_path / "model.gguf", hf)
+    assert figures["skipped"] == "every llama.cpp path failed"
+    failure = figures["paths"]["worker"]["failed"]
+    assert "killed by SIGSEGV" in failure and "llama_decode: bad batch" in failure
+    assert figures["build"] == llama_cpp.CMAKE_ARGS

@@ -97,9 +97,9 @@ def _llama_cpp(workload: w1.Workload, tokenizer, gguf: Path | None, hf: dict) ->
         paths[path] = {**timing.as_dict(), "rows_equal_to_batched": agreement["rows_equal"]}
     ran = [path for path in paths if "tok_s" in paths[path]]
     if not ran:
-        return {"skipped": "every llama.cpp path failed", "paths": paths}
+        return {"skipped": "every llama.cpp path failed", "build": measured["build"], "paths": paths}
     best = max(ran, key=lambda p: paths[p]["tok_s"])
-    return {**paths[best], "path": best, "version": measured["version"], "paths": paths}
+    return {**paths[best], "path": best, "version": measured["version"], "build": measured["build"], "paths": paths}
 
 
 def print_and_write(table: list[str], figures: dict, out: str | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,23 @@ def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int,
         done = subprocess.run([str(_python(env_dir())), "-I", str(WORKER), str(job_path), str(out_path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"the llama.cpp worker failed: {done.stderr.strip()[-600:]}")
-        return json.loads(out_path.read_text())
+            # A crash in native code (a segfault in llama_decode) fails the llama.cpp variant, not the benchmark.
+            return {"version": VERSION, "build": CMAKE_ARGS,
+                    "paths": {"worker": {"failed": worker_failure(done.returncode, done.stderr)}}}
+        return {**json.loads(out_path.read_text()), "build": CMAKE_ARGS}
+
+
+def worker_failure(returncode: int, stderr: str) -> str:
+    """What killed the worker, in one line: the signal when there was one, and the end of its stderr."""
+    if returncode < 0:
+        try:
+            cause = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            cause = f"killed by signal {-returncode}"
+    else:
+        cause = f"exit code {returncode}"
+    tail = " ".join(stderr.strip().splitlines()[-2:])[-300:]
+    return f"the llama.cpp worker was {cause}" + (f": {tail}" if tail else " (no output)")
 
 
 if __name__ == "__main__":

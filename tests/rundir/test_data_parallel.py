@@ -97,3 +97,18 @@ def test_a_killed_process_stops_the_job_and_a_resume_finishes_it(tmp_path, env, 
     for name in FILES:
         assert (run_dir / name).read_text() == (reference / name).read_text(), name
 
+
+
+@pytest.mark.slow
+@pytest.mark.smollm
+def test_two_processes_on_the_smollm2_smoke_recipe_give_the_one_process_result(tmp_path, env):  # noqa: F811
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = tmp_path / f"smoke-{nproc}"
+        cmd = command(runs[nproc])
+        done = subprocess.run(cmd if nproc == 1 else launched(nproc, cmd), env=one_thread(env),
+                              capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert comparable(runs[2]) == comparable(runs[1])
+    for name in FILES:
+        assert (runs[2] / name).read_text() == (runs[1] / name).read_text(), name
