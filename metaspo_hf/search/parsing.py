@@ -84,7 +84,7 @@ _SPEAKS_TO_USER = re.compile(
     r"\A\s*(?:I am|I'm) (?:a|an|your|ready)\b|how (?:can|may) I (?:help|assist)|feel free to ask"
     r"|\bI (?:will|can|'ll) (?:respond|answer|approach|help|assist|do my best)\b"
     r"|please (?:provide|give|share|send|specify|tell)(?: me| us)?(?: \w+){0,4}? "
-    r"(?:task|tasks|question|questions|instructions|examples|request|requests|details|input|context|prompt)\b",
+    r"(?:tasks?|questions?|instructions?|examples?|requests?|details?|input|context|prompt)\b",
     re.IGNORECASE,
 )
 # A system prompt that talks about the prompt-writing job instead of doing the assistant's: it echoes
@@ -165,8 +165,9 @@ def tag_family(name: str) -> str | None:
     for tag in (ANALYSIS_TAG, PROMPT_TAG):
         if letters.endswith(tag) or difflib.SequenceMatcher(None, letters, tag).ratio() >= 0.75:
             return tag
-    # <instruction>, <new_instruction>: what other prompt optimizers call the prompt.
-    return PROMPT_TAG if letters.endswith("instruction") else None
+    # <instruction>, <new_instruction>: what other prompt optimizers call the prompt; <system>: what a
+    # small optimizer wraps a system prompt in.
+    return PROMPT_TAG if letters.endswith("instruction") or letters == "system" else None
 
 
 def tagged_blocks(text: str, tag: str) -> list[str]:

@@ -220,6 +220,9 @@ def test_a_finished_prompt_is_not_cut_off(reply):
     "<prompt>You are an AI assistant that can help with a wide range of tasks. Please provide a clear and precise "
     "request, and I will respond according to your instructions.</prompt>",
     "I am ready to help. Please provide the system prompt that needs improvement.",
+    # Seen from Qwen2.5-Coder-1.5B in the validity run (seed 0), wrapped in a <system> tag:
+    "<system>\nYou are a helpful assistant. Please provide a detailed and clear instruction on how to read the "
+    "question and the options, and how to follow the task instructions.</system>",
 ])
 def test_a_system_prompt_that_speaks_to_the_user_is_refused(reply):
     parsed = parse_prompt(reply, "system", LIMIT)
@@ -248,3 +251,8 @@ def test_seven_shared_words_are_not_a_quote():
 def test_a_reply_addressed_to_the_optimizer_user_is_not_a_prompt(reply):
     parsed = parse_prompt(reply, "system", LIMIT)
     assert parsed.prompt is None and "reply to the request" in parsed.reason
+
+
+def test_a_system_tag_wraps_a_system_prompt_like_the_prompt_tag():
+    reply = "Here is my answer.\n<system>\nRead every condition before you answer, then give one option.\n</system>"
+    assert parse_prompt(reply, "system", LIMIT).prompt == "Read every condition before you answer, then give one option."
