@@ -46,6 +46,11 @@ class SearchContext:
         """A generator seeded by the run seed and ``parts``: the same draw on every replay."""
         return random.Random(stable_hash(self.seed, self.method, *parts))
 
+    @property
+    def reply_limit(self) -> int:
+        """The base model's reply budget in tokens, which the optimizer's requests state."""
+        return self.scorer.base.settings.max_new_tokens
+
     def train_examples(self, task: str) -> list[Example]:
         return self.tasks[task].train[: self.config.train_size]
 

@@ -15,6 +15,10 @@ policy (see docs/method.md):
   appended after the prompt, extra slots become "the question" (repair, not rejection: the
   prompt's wording is still a useful candidate, and the score decides whether it is kept);
 - a system prompt must not contain the slot: it becomes "the question";
+- a user prompt must not echo the request that asked for it ("Write a clear, general prompt that fixes
+  the problem in the given input/output pairs. {question}", "that line is appended automatically"): the
+  scored model would read our instructions to the optimizer as its task; nor may it keep placeholders
+  other than the slot (``{premise}``): the question is inserted whole, and the rest would stay literal;
 - a prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words): a
   system prompt must be general, and small optimizers paste a failed question into system and user
   prompts verbatim; for a user prompt, wording that the task's questions share (its instructions)
@@ -93,6 +97,15 @@ _ECHOES_REQUEST = re.compile(
     r"\b(?:system|user) prompts?\b|\bthe model (?:made|makes|got)\b|tasks of kinds not seen",
     re.IGNORECASE,
 )
+# A user prompt that repeats the prompt-writing request instead of instructing the assistant on the task
+# (seen from a 1.5B optimizer: it turns the request itself into the template).
+_USER_ECHOES_REQUEST = re.compile(
+    r"\bwrite (?:a|an|the)\b[^.\n]{0,40}\b(?:prompt|instruction)s?\b|\binput[/ -]output pairs?\b"
+    r"|\bline is appended\b|\bthe slot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
+    re.IGNORECASE,
+)
+# A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
+_STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
 # How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
 _FINISHED = re.compile(r"""(?:[.!?:;)\]}"'\u2019\u201d\u2026*`>]|\{question\})\s*\Z""")
 # A prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
@@ -125,7 +138,7 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
                   or ("it was cut off mid-sentence (it reached the length limit); write a shorter prompt"
                       if unfinished else None)
                   or _quoted_reason(prompt, shown, ignore)
-                  or (_user_address_reason(prompt) if kind == "system" else None))
+                  or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
         if reason is None:
             return Parsed(prompt)
         reasons.append(reason)
@@ -146,6 +159,17 @@ def _user_address_reason(prompt: str) -> str | None:
     if _ECHOES_REQUEST.search(prompt):
         return ("it talked about prompts and the model's mistakes instead of telling the assistant how to "
                 "handle a request")
+    return None
+
+
+def _user_prompt_reason(prompt: str) -> str | None:
+    if _USER_ECHOES_REQUEST.search(prompt):
+        return ("it repeated the request for a prompt instead of telling the assistant how to do the task "
+                "(write the task instruction itself)")
+    stray = [m.group(0) for m in _STRAY_PLACEHOLDER.finditer(prompt.replace(QUESTION_SLOT, ""))]
+    if stray:
+        return (f"it had placeholders other than {QUESTION_SLOT} ({', '.join(stray)}): the whole input goes in "
+                f"{QUESTION_SLOT}, and nothing fills the others")
     return None
 
 

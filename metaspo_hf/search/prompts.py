@@ -16,6 +16,7 @@ from ..tasks.task import Example
 # Long questions and rambling responses are cut so that many failures fit in a small model's context.
 MAX_QUESTION_CHARS = 1500
 MAX_RESPONSE_CHARS = 800
+ANSWER_CLOSE = "</answer>"
 
 
 @cache
@@ -29,18 +30,28 @@ def _request(name: str, **fields: str) -> Chat:
     return make_chat(template("optimizer_role"), Template(template(name)).substitute(fields))
 
 
-def user_analysis(system_prompt: str, user_prompt: str, wrong: list[WrongExample]) -> Chat:
+def _reply_limit(tokens: int) -> dict[str, str]:
+    """The base model's reply budget, as the requests that show its failures state it: a small optimizer
+    otherwise asks for long reasoning, which the limit cuts off before the answer."""
+    return {"reply_limit": str(tokens), "reply_words": str(max(1, round(tokens * 0.75)))}  # ~0.75 words/token
+
+
+def user_analysis(system_prompt: str, user_prompt: str, wrong: list[WrongExample], reply_limit: int) -> Chat:
     return _request(
         "user_analysis",
+        **_reply_limit(reply_limit),
         system_prompt=_or_none(system_prompt),
         user_prompt=user_prompt,
         failures=format_failures(wrong),
     )
 
 
-def user_rewrite(system_prompt: str, user_prompt: str, wrong: list[WrongExample], analysis: str) -> Chat:
+def user_rewrite(
+    system_prompt: str, user_prompt: str, wrong: list[WrongExample], analysis: str, reply_limit: int
+) -> Chat:
     return _request(
         "user_rewrite",
+        **_reply_limit(reply_limit),
         system_prompt=_or_none(system_prompt),
         user_prompt=user_prompt,
         failures=format_failures(wrong),
@@ -48,15 +59,19 @@ def user_rewrite(system_prompt: str, user_prompt: str, wrong: list[WrongExample]
     )
 
 
-def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]]) -> Chat:
+def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]], reply_limit: int) -> Chat:
     return _request(
-        "system_analysis", system_prompt=_or_none(system_prompt), failures=format_task_failures(wrong)
+        "system_analysis",
+        **_reply_limit(reply_limit),
+        system_prompt=_or_none(system_prompt),
+        failures=format_task_failures(wrong),
     )
 
 
-def system_rewrite(system_prompt: str, analysis: str) -> Chat:
+def system_rewrite(system_prompt: str, analysis: str, reply_limit: int) -> Chat:
     return _request(
         "system_rewrite",
+        **_reply_limit(reply_limit),
         system_prompt=_or_none(system_prompt),
         analysis=analysis or "(no analysis available)",
     )
@@ -91,7 +106,8 @@ def format_failures(wrong: list[WrongExample]) -> str:
         return "(none: every training question was answered correctly)"
     return "\n\n".join(
         f"## Wrong answer {i}\nQuestion:\n{_cut(w.question, MAX_QUESTION_CHARS)}\n"
-        f"Model's response:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\nCorrect answer: {_gold(w.answers)}"
+        f"Model's response{_unanswered(w.response)}:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\n"
+        f"Correct answer: {_gold(w.answers)}"
         for i, w in enumerate(wrong, 1)
     )
 
@@ -102,7 +118,8 @@ def format_task_failures(wrong: list[tuple[str, WrongExample]]) -> str:
         return "(none: every training question was answered correctly)"
     return "\n\n".join(
         f"## Wrong answer {i} (task: {task})\nUser message:\n{_cut(w.user_text, MAX_QUESTION_CHARS)}\n"
-        f"Model's response:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\nCorrect answer: {_gold(w.answers)}"
+        f"Model's response{_unanswered(w.response)}:\n{_cut(w.response, MAX_RESPONSE_CHARS)}\n"
+        f"Correct answer: {_gold(w.answers)}"
         for i, (task, w) in enumerate(wrong, 1)
     )
 
@@ -111,6 +128,12 @@ def format_demos(demos: list[Example]) -> str:
     return "\n\n".join(
         f"Input:\n{_cut(ex.question, MAX_QUESTION_CHARS)}\nOutput:\n{_gold(ex.answers)}" for ex in demos
     )
+
+
+def _unanswered(response: str) -> str:
+    """A note for a response that never closed an answer tag: cut off by the reply limit, or the format
+    ignored. The optimizer sees the cause and not only a wrong answer."""
+    return "" if ANSWER_CLOSE in response.lower() else " (it ended without an <answer> tag)"
 
 
 def _gold(answers: tuple[str, ...]) -> str:

@@ -31,10 +31,10 @@ def rewrite_user_prompts(
         for parent in parents
         for j in range(count)
     ]
-    analysis_chats = [prompts.user_analysis(p.system_prompt, p.user_prompt, wrong) for p, wrong in jobs]
+    analysis_chats = [prompts.user_analysis(p.system_prompt, p.user_prompt, wrong, ctx.reply_limit) for p, wrong in jobs]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "user")
     rewrite_chats = [
-        prompts.user_rewrite(p.system_prompt, p.user_prompt, wrong, analysis)
+        prompts.user_rewrite(p.system_prompt, p.user_prompt, wrong, analysis, ctx.reply_limit)
         for (p, wrong), analysis in zip(jobs, analyses, strict=True)
     ]
     rewrites = ctx.writer.prompts(rewrite_chats, "user", iteration, "user",
@@ -53,9 +53,9 @@ def rewrite_system_prompts(
 ) -> list[str | None]:
     """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times."""
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
-    analysis_chats = [prompts.system_analysis(state.system_prompt, failures) for failures in failure_sets]
+    analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit) for failures in failure_sets]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
-    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis) for analysis in analyses]
+    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis, ctx.reply_limit) for analysis in analyses]
     shown = [[w.question for _, w in failures] for failures in failure_sets]
     return ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
 

@@ -398,3 +398,29 @@ def test_a_system_prompt_quoting_its_failures_is_reasked_with_the_reason():
     assert writer.prompts([chat, chat], "system", 1, shown=[[question], []]) == [
         "Read every detail of the request before answering.", f"Remember that {question}"]
     assert writer.retries == 1 and "quoted 8 or more words of an example question" in seen[-1]
+
+
+def test_failure_requests_state_the_reply_limit_and_mark_answers_that_never_came():
+    """A small optimizer asks for long reasoning unless it knows the reply budget; a response with no
+    answer tag (cut off by that budget, or the format ignored) is marked as such, a wrong answer is not."""
+    def respond(chat, settings, k):
+        system, user = turns(chat)
+        return "<answer>wrong</answer>" if question_index(user) % 2 else "Let me think about this step by"
+
+    base = LM(FakeEngine(respond), GenerationSettings(temperature=0.0, max_new_tokens=24), role="base")
+    optimizer = optimizer_lm()
+    budget = SearchConfig(iterations=1, user_candidates=1, system_candidates=1, top_k=1, train_size=4)
+    run_search("metaspo", tasks_of(2, 4), base, optimizer, budget, seed=1)
+    requests = [turns(chat)[1] for chats, _ in optimizer.engine.calls for chat in chats]
+    failing = [r for r in requests if "## Wrong answer" in r]
+    # All but the system rewrite (which works from the analysis) show failures.
+    assert len(failing) == len(requests) - 1 == 5
+    for request in requests:
+        assert "limited to 24 tokens (about 18 words)" in request
+    for request in failing:
+        blocks = request.split("## Wrong answer")[1:]
+        cut = [b for b in blocks if "Let me think" in b]
+        tagged = [b for b in blocks if "<answer>wrong</answer>" in b]
+        assert cut and tagged
+        assert all("(it ended without an <answer> tag)" in b for b in cut)
+        assert not any("without an <answer> tag" in b for b in tagged)

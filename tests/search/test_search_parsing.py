@@ -256,3 +256,32 @@ def test_a_reply_addressed_to_the_optimizer_user_is_not_a_prompt(reply):
 def test_a_system_tag_wraps_a_system_prompt_like_the_prompt_tag():
     reply = "Here is my answer.\n<system>\nRead every condition before you answer, then give one option.\n</system>"
     assert parse_prompt(reply, "system", LIMIT).prompt == "Read every condition before you answer, then give one option."
+
+
+@pytest.mark.parametrize("reply", [
+    # Seen from Qwen2.5-Coder-1.5B writing user prompts for unseen tasks (validity run, seed 0):
+    "<prompt>Write a clear, general prompt that fixes the problem in the given input/output pairs.\n\n{question}</prompt>",
+    "<prompt>You are given a list of objects. Write a question that relates to the given list of objects. Do not add "
+    "instructions about the answer format; that line is appended automatically.\n\n{question}</prompt>",
+    "<prompt>Given an input like these, a capable assistant to produce the matching output. The slot {question} "
+    "stands for a whole input, exactly as shown above.</prompt>",
+])
+def test_a_user_prompt_that_echoes_the_prompt_writing_request_is_refused(reply):
+    parsed = parse_prompt(reply, "user", LIMIT)
+    assert parsed.prompt is None and "repeated the request for a prompt" in parsed.reason
+
+
+def test_a_user_prompt_with_placeholders_that_nothing_fills_is_refused():
+    reply = ("<prompt>Identify the relation between the premise and the hypothesis.\n\n{question}\n\n"
+             "Premise: {premise}\n\nHypothesis: {hypothesis}\n\nRelation:</prompt>")
+    parsed = parse_prompt(reply, "user", LIMIT)
+    assert parsed.prompt is None and "{premise}, {hypothesis}" in parsed.reason
+
+
+@pytest.mark.parametrize("prompt", [
+    "Identify the relation between the premise and the hypothesis: entailment or non-entailment.\n\n{question}\n\nRelation:",
+    "Count the objects in the list, then write the total.\n\n{question}",
+    "Use the JSON shape {\"a\": 1} if asked.\n\n{question}",  # braces that are not a placeholder
+])
+def test_task_instructions_are_not_taken_for_an_echo(prompt):
+    assert parse_prompt(f"<prompt>{prompt}</prompt>", "user", LIMIT).prompt == prompt
