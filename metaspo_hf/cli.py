@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke check")
     p.add_argument("--loglik", action="store_true",
                    help="add a section: `scoring: loglik` vs generation on multiple-choice questions (speed, agreement)")
+    p.add_argument("--workloads", metavar="NAMES",
+                   help="which to run, comma-separated, of w1,w2,w3,w4,parallel (default: all)")
+    p.add_argument("--repeats", type=int, help="timed runs per variant, medians reported (default 3; 1 with --quick)")
+    p.add_argument("--naive-runs", type=int, default=1,
+                   help="timed runs of W1's slow one-chat-at-a-time variant (default 1; 0 skips it)")
     return parser
 
 
@@ -115,7 +120,8 @@ def run_command(args: argparse.Namespace) -> None:
         # Not at the top: the benchmark imports torch, which `metaspo --help` does without.
         from .bench import main as bench_main
 
-        bench_main(out=args.out, quick=args.quick, loglik=args.loglik)
+        bench_main(out=args.out, quick=args.quick, loglik=args.loglik, workloads=args.workloads, repeats=args.repeats,
+                   naive_runs=args.naive_runs)
     else:
         phases = {"train": ("train",), "evaluate": ("evaluate",), "adapt": ("adapt",),
                   "reproduce": ("train", "evaluate", "adapt")}[command]

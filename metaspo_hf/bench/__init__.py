@@ -1,9 +1,12 @@
-"""`metaspo bench`: the generation engine against plain transformers and llama.cpp (W1), the cost
-of one meta-training iteration our way against the reference's way (W2), and the engine on 2
-processes against one (``parallel.py``); with ``--loglik``, also `scoring: loglik` against
-generative scoring on multiple-choice questions (``loglik.py``).
+"""`metaspo bench`: the generation engine against plain transformers and llama.cpp on one scoring
+batch (W1), decode-heavy (W3) and on optimizer-shaped requests (W4); the cost of one meta-training
+iteration our way against the reference's way (W2); and the engine on 2 processes against one
+(``parallel``); with ``--loglik``, also `scoring: loglik` against generative scoring on
+multiple-choice questions (``loglik.py``). ``--workloads`` picks a subset.
 
-Prints both tables and writes every figure as JSON (``--out``, default
+Every generation figure is the median of ``repeats`` timed runs (min and max of wall time kept), and
+each workload's engine decode time is set against the machine's own matmul limit (``matmul.py``).
+Prints the tables and writes every figure as JSON (``--out``, default
 ``bench/results/<timestamp>.json``). ``collect`` does the measuring on any loaded model, so the tests
 run the whole harness on a tiny random model.
 """
@@ -22,22 +25,38 @@ import transformers
 
 from ..errors import MetaspoError
 from ..models.loading import ModelSpec, load_model, packaged_gguf_path
-from . import w1  # w2 is imported where used, so that `python -m metaspo_hf.bench.w2` runs it alone cleanly
+from . import matmul, w1, w4  # w2 is imported where used: `python -m metaspo_hf.bench.w2` runs it alone
 
 # The issue's targets on W1: engine tok/s over batched generate, and over the best llama.cpp path.
 TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
+WORKLOADS = ("w1", "w2", "w3", "w4", "parallel")
+# Medians of 3: a single run on this machine swings by about 10%.
+REPEATS = 3
+# The generation workloads: what each one is, and its full and quick sizes.
+GENERATION = {"w1": ("one scoring batch", w1.Workload(), w1.QUICK),
+              "w3": ("decode-heavy, W1's chats", w1.W3, w1.W3_QUICK),
+              "w4": ("optimizer-shaped requests", w4.W4, w4.QUICK)}
 
 
-def main(out: str | None = None, quick: bool = False, loglik: bool = False) -> dict:
+def main(out: str | None = None, quick: bool = False, loglik: bool = False, workloads: str | None = None,
+         repeats: int | None = None, naive_runs: int = 1) -> dict:
+    """``workloads``: comma-separated names from ``WORKLOADS`` (default: all); ``repeats``: timed runs per
+    variant (default 3, 1 with ``quick``); ``naive_runs``: W1's naive variant's runs (0 skips it)."""
+    chosen = parse_workloads(workloads) if workloads else WORKLOADS
+    repeats = (1 if quick else REPEATS) if repeats is None else repeats
+    if repeats < 1 or naive_runs < 0:
+        raise MetaspoError(f"repeats must be at least 1 and naive runs at least 0 (got {repeats}, {naive_runs})")
     name = "smollm2-135m-instruct"
     model, tokenizer = load_model(ModelSpec(name_or_path=name, dtype="float32"))
-    results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name)
+    results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name,
+                      workloads=chosen, repeats=repeats, naive_runs=naive_runs)
     if loglik:
         results["loglik"] = _loglik(model, tokenizer, quick)
-    from . import parallel  # as w2: `python -m metaspo_hf.bench.parallel` runs it alone
+    if "parallel" in chosen:
+        from . import parallel  # as w2: `python -m metaspo_hf.bench.parallel` runs it alone
 
-    results["data_parallel"] = parallel.run(processes=2, model_name=name, quick=quick,
-                                             threads=w1.Workload().threads)
+        results["data_parallel"] = parallel.run(processes=2, model_name=name, quick=quick, repeats=repeats,
+                                                 threads=w1.Workload().threads)
     print(format_tables(results))
     path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,34 +65,73 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False) -> d
     return results
 
 
-def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name: str = "model") -> dict:
-    """Every figure of W1 and W2 as one JSON-ready dict."""
-    workload = w1.QUICK if quick else w1.Workload()
-    torch.set_num_threads(workload.threads)
-    print(f"[bench] W1: {workload.chats} chats x {workload.new_tokens} new tokens", file=sys.stderr, flush=True)
-    hf = w1.run_hf_variants(model, tokenizer, workload)
-    system_tokens = len(tokenizer(w1.SYSTEM_PROMPT, add_special_tokens=False)["input_ids"])
-    variants = {name: hf[name]["timing"].as_dict() for name in ("naive", "batched", "engine")}
-    identity = w1.identity(hf["engine"]["ids"], hf["batched"]["ids"])
-    variants["llama_cpp"] = _llama_cpp(workload, tokenizer, gguf, hf)
-    results = {
-        "model": model_name,
-        "machine": machine(workload.threads),
-        "workload": w1.workload_info(workload, hf["prompt_tokens"], hf["shared_prefix_tokens"], system_tokens),
-        "variants": variants,
-        "ratios": ratios(variants),
-        "targets": TARGETS,
-        "engine_identical_to_batched": identity["identical"],
-        "identity": identity,
-    }
-    from . import w2  # see the import of w1
+def parse_workloads(names: str) -> tuple[str, ...]:
+    chosen = tuple(name.strip().lower() for name in names.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in WORKLOADS]
+    if unknown or not chosen:
+        raise MetaspoError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
+    return chosen
 
-    print("[bench] W2: one meta-training iteration, ours and the reference's way", file=sys.stderr, flush=True)
-    results["w2"] = _w2(model, tokenizer, w2.QUICK if quick else w2.RunCost())
+
+def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name: str = "model",
+            workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1) -> dict:
+    """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict."""
+    threads = w1.Workload().threads
+    torch.set_num_threads(threads)
+    results = {"model": model_name, "machine": machine(threads)}
+    for key in workloads:
+        if key == "w2":
+            from . import w2  # see the import of w1
+
+            print("[bench] W2: one meta-training iteration, ours and the reference's way", file=sys.stderr, flush=True)
+            results["w2"] = _w2(model, tokenizer, w2.QUICK if quick else w2.RunCost())
+        elif key in GENERATION:
+            _, full, small = GENERATION[key]
+            workload = small if quick else full
+            print(f"[bench] {key.upper()}: {workload.chats} chats x {workload.new_tokens} new tokens, "
+                  f"{repeats} run(s) each", file=sys.stderr, flush=True)
+            if key == "w1":  # the only one with the naive and bfloat16 variants, and the issue's targets
+                results[key] = {**generation(model, tokenizer, gguf, workload, repeats, naive_runs, bf16=True),
+                                "targets": TARGETS}
+            else:
+                results[key] = generation(model, tokenizer, gguf, workload, repeats)
     return results
 
 
-def _llama_cpp(workload: w1.Workload, tokenizer, gguf: Path | None, hf: dict) -> dict:
+def generation(model, tokenizer, gguf: Path | None, workload: w1.Workload, repeats: int,
+               naive_runs: int | None = None, bf16: bool = False) -> dict:
+    """One generation workload (W1, W3 or W4): each variant's medians, the ratios of their tok/s, the
+    engine's token identity with batched ``generate``, and the matmul limit of a decode step.
+    ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped."""
+    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16)
+    limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
+    batched_ids = hf.variants["batched"].ids
+    variants = {}
+    for name, runs in hf.variants.items():
+        figures = runs.as_dict()
+        if runs.settings:  # an engine variant: how close its decode comes to the matmul floor of its dtype
+            figures["decode_share_of_matmul_limit"] = matmul.share(limit, runs.settings["dtype"], figures["decode_s"])
+        variants[name] = figures
+    if bf16:
+        # bfloat16 rounds differently, so its tokens are compared, not expected to be identical.
+        variants["engine_bf16"]["rows_equal_to_batched"] = w1.identity(hf.variants["engine_bf16"].ids,
+                                                                       batched_ids)["rows_equal"]
+    if naive_runs == 0:
+        variants = {"naive": {"skipped": "naive runs set to 0"}, **variants}
+    variants["llama_cpp"] = _llama_cpp(workload, gguf, hf, repeats)
+    identity = w1.identity(hf.variants["engine"].ids, batched_ids)
+    return {
+        "workload": {**w1.workload_info(workload, tokenizer, hf.prompts), "repeats": repeats,
+                     **({"naive_runs": naive_runs} if naive_runs is not None else {})},
+        "variants": variants,
+        "ratios": ratios(variants),
+        "matmul_limit": limit,
+        "engine_identical_to_batched": identity["identical"],
+        "identity": identity,
+    }
+
+
+def _llama_cpp(workload: w1.Workload, gguf: Path | None, hf: w1.HFRuns, repeats: int) -> dict:
     """The best llama.cpp path (by tok/s) with every path's figures, or why it was skipped."""
     from . import (
         llama_cpp,  # not at the top: `python -m metaspo_hf.bench.llama_cpp` imports this package first
@@ -85,16 +143,16 @@ def _llama_cpp(workload: w1.Workload, tokenizer, gguf: Path | None, hf: dict) ->
     if reason:
         print(f"[bench] llama.cpp skipped: {reason}", file=sys.stderr, flush=True)
         return {"skipped": reason}
-    prompts = w1.prompt_ids(tokenizer, workload.build())
-    measured = llama_cpp.measure(gguf, prompts, workload.new_tokens, workload.threads, hf["eos_ids"])
+    measured = llama_cpp.measure(gguf, hf.prompts, workload.new_tokens, workload.threads, hf.eos_ids, repeats)
     paths = {}
     for path, figures in measured["paths"].items():
         if "failed" in figures:
             paths[path] = figures
             continue
-        timing = w1.Timing(figures["wall_s"], figures["prefill_s"], sum(map(len, figures["ids"])))
-        agreement = w1.identity(figures["ids"], hf["batched"]["ids"])
-        paths[path] = {**timing.as_dict(), "rows_equal_to_batched": agreement["rows_equal"]}
+        runs = w1.Runs.of([(run["ids"], w1.Timing(run["wall_s"], run["prefill_s"], sum(map(len, run["ids"]))))
+                           for run in figures["runs"]])
+        agreement = w1.identity(runs.ids, hf.variants["batched"].ids)
+        paths[path] = {**runs.as_dict(), "rows_equal_to_batched": agreement["rows_equal"]}
     ran = [path for path in paths if "tok_s" in paths[path]]
     if not ran:
         return {"skipped": "every llama.cpp path failed", "build": measured["build"], "paths": paths}
@@ -110,14 +168,20 @@ def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(figures, indent=2) + "\n")
 
 
+RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("batched", "naive"),
+          ("engine_bf16", "batched"), ("engine_bf16", "engine"))
+
+
 def ratios(variants: dict) -> dict:
+    """tok/s of one variant over another's (both medians), for the pairs whose variants the workload has;
+    None where one of them was skipped or failed."""
+
     def over(a: str, b: str) -> float | None:
-        if "tok_s" not in variants.get(a, {}) or "tok_s" not in variants.get(b, {}):
+        if "tok_s" not in variants[a] or "tok_s" not in variants[b]:
             return None
         return round(variants[a]["tok_s"] / variants[b]["tok_s"], 2)
 
-    return {"engine_over_batched": over("engine", "batched"), "engine_over_naive": over("engine", "naive"),
-            "engine_over_llama_cpp": over("engine", "llama_cpp"), "batched_over_naive": over("batched", "naive")}
+    return {f"{a}_over_{b}": over(a, b) for a, b in RATIOS if a in variants and b in variants}
 
 
 def _w2(model, tokenizer, cost) -> dict:  # cost: w2.RunCost
@@ -155,48 +219,66 @@ def machine(threads: int) -> dict:
 
 
 def format_tables(results: dict) -> str:
-    work = results["workload"]
-    lines = [f"W1: {work['chats']} chats x {work['new_tokens']} new tokens (EOS suppressed), greedy, "
-             f"{results['model']} {work['dtype']} on {work['device']}, {work['threads']} threads; "
-             f"shared prefix {work['shared_prefix_tokens']} tokens, prompts {work['prompt_tokens_mean']} tokens on average",
-             f"{'variant':<19}{'tok/s':>8}{'wall s':>9}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"]
-    batched = results["variants"]["batched"]["tok_s"]
+    lines = []
+    for key in ("w1", "w3", "w4"):
+        if key in results:
+            lines += [*generation_lines(key, results[key], results["model"]), ""]
+    if "w2" in results:
+        lines += [*_w2_lines(results["w2"]), ""]
+    if "loglik" in results:
+        from .loglik import lines as loglik_lines  # as w2: see the import of w1
+
+        lines += [*loglik_lines(results["loglik"]), ""]
+    if "data_parallel" in results:
+        from .parallel import lines as parallel_lines  # as w2: see the import of w1
+
+        lines += [*parallel_lines(results["data_parallel"]), ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
+    """The table of one generation workload: medians, with the range of wall times."""
+    work = section["workload"]
+    runs = f"medians of {work['repeats']} run(s)" + (f" (naive: {work['naive_runs']})" if "naive_runs" in work else "")
+    lines = [f"{key.upper()}: {GENERATION[key][0]}: {work['chats']} chats x {work['new_tokens']} new tokens "
+             f"(EOS suppressed), greedy, {model_name} {work['dtype']} on {work['device']}, {work['threads']} threads; "
+             f"shared prefix {work['shared_prefix_tokens']} tokens, prompts {work['prompt_tokens_mean']} tokens on "
+             f"average; {runs}",
+             f"{'variant':<19}{'tok/s':>8}{'wall s (min-max)':>23}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"
+             f"{'decode/limit':>14}"]
+    batched = section["variants"]["batched"]["tok_s"]
 
     def row(label: str, figures: dict) -> str:
-        return (f"{label:<19}{figures['tok_s']:>8.1f}{figures['wall_s']:>9.2f}{figures['prefill_s']:>11.2f}"
-                f"{figures['decode_s']:>10.2f}{figures['tok_s'] / batched:>11.2f}x")
+        wall = f"{figures['wall_s']:.2f} ({figures['wall_s_min']:.2f}-{figures['wall_s_max']:.2f})"
+        share = figures.get("decode_share_of_matmul_limit")
+        notes = [f"rows equal to batched: {figures['rows_equal_to_batched']}/{work['chats']}"
+                 ] if "rows_equal_to_batched" in figures else []
+        if not figures["ids_stable_across_runs"]:
+            notes.append("ids differ between runs")
+        return (f"{label:<19}{figures['tok_s']:>8.1f}{wall:>23}{figures['prefill_s']:>11.2f}{figures['decode_s']:>10.2f}"
+                f"{figures['tok_s'] / batched:>11.2f}x{'' if share is None else f'{share:.3g}':>14}"
+                + "".join(f"   {note}" for note in notes))
 
-    for name, figures in results["variants"].items():
+    for name, figures in section["variants"].items():
         if "skipped" in figures:
             lines.append(f"{name:<19}skipped: {figures['skipped']}")
             continue
         lines.append(row(f"{name} (best)" if "paths" in figures else name, figures))
         for path, other in figures.get("paths", {}).items():
-            if "failed" in other:
-                lines.append(f"  {path}: failed: {other['failed']}")
-                continue
-            lines.append(row(f"  {path}", other) + f"   rows equal to batched: {other['rows_equal_to_batched']}"
-                         f"/{work['chats']}")
-    ratio = results["ratios"]
-    for key, target in results["targets"].items():
-        value = ratio.get(key)
+            lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
+    limit = section["matmul_limit"]
+    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, plain linear layers, median of {limit['runs']}): "
+                 + "; ".join(f"{dtype} {limit[dtype]['step_s'] * 1e3:.3g} ms/step, decode floor "
+                             f"{limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES)))
+    for key_name, target in section.get("targets", {}).items():
+        value = section["ratios"].get(key_name)
         shown = f"{value:.2f}" if value is not None else "n/a"
         verdict = "n/a" if value is None else ("met" if value >= target else "NOT met")
-        lines.append(f"{key.replace('_', ' ')}: {shown} (target >= {target}: {verdict})")
-    identity = results["identity"]
-    lines.append(f"engine tokens identical to batched generate: {results['engine_identical_to_batched']} "
+        lines.append(f"{key_name.replace('_', ' ')}: {shown} (target >= {target}: {verdict})")
+    identity = section["identity"]
+    lines.append(f"engine tokens identical to batched generate: {section['engine_identical_to_batched']} "
                  f"({identity['rows_equal']}/{identity['rows']} rows)")
-    lines.append("")
-    lines.extend(_w2_lines(results["w2"]))
-    if "loglik" in results:
-        from .loglik import lines as loglik_lines  # as w2: see the import of w1
-
-        lines += ["", *loglik_lines(results["loglik"])]
-    if "data_parallel" in results:
-        from .parallel import lines as parallel_lines  # as w2: see the import of w1
-
-        lines += ["", *parallel_lines(results["data_parallel"])]
-    return "\n".join(lines)
+    return lines
 
 
 def _w2_lines(figures: dict) -> list[str]:

@@ -6,7 +6,8 @@ downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4.
 Random weights make the text meaningless but not the cost: every variant still runs the full
 prefill and exactly ``new_tokens`` decode steps. The prompts are W1's, tokenized by the embedded
 SmolLM2 tokenizer (the model's vocabulary is larger, so every id is valid). ``--tiny`` swaps in a
-two-layer model of the same family, to check the script on a machine without a GPU.
+two-layer model of the same family, to check the script on a machine without a GPU. Each variant
+is timed ``--repeats`` times (medians, with the range of wall times, as in ``metaspo bench``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from ..models.loading import ModelSpec, load_model
-from . import machine, w1
+from . import REPEATS, machine, w1
 
 # Llama-3.2-3B's published shape; the weights are random, so nothing is downloaded.
 LLAMA_3_2_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chats", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=w1.Workload.new_tokens)
     parser.add_argument("--quant", choices=("none", "4bit"), default="none")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per variant (medians reported)")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, to check the script on CPU")
     args = parser.parse_args(argv)
 
@@ -60,19 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
     _, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
     model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device)
     workload = replace(w1.Workload(), chats=args.chats, new_tokens=args.new_tokens)
-    runs = w1.run_hf_variants(model, tokenizer, workload, naive=False)
-    variants = {name: runs[name]["timing"].as_dict() for name in ("batched", "engine")}
-    system_tokens = len(tokenizer(w1.SYSTEM_PROMPT, add_special_tokens=False)["input_ids"])
+    runs = w1.run_hf_variants(model, tokenizer, workload, repeats=args.repeats)
+    variants = {name: runs.variants[name].as_dict() for name in ("batched", "engine")}
+    identity = w1.identity(runs.variants["engine"].ids, runs.variants["batched"].ids)
     results = {
         "model": f"Llama-3.2-3B shape, random weights, {'bfloat16' if args.quant == 'none' else 'nf4 4-bit'}",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "machine": machine(torch.get_num_threads()),
-        "workload": {**w1.workload_info(workload, runs["prompt_tokens"], runs["shared_prefix_tokens"], system_tokens),
-                     "dtype": "bfloat16", "device": device, "quant": args.quant},
+        "workload": {**w1.workload_info(workload, tokenizer, runs.prompts), "dtype": "bfloat16", "device": device,
+                     "quant": args.quant, "repeats": args.repeats},
         "variants": variants,
         "ratios": {"engine_over_batched": round(variants["engine"]["tok_s"] / variants["batched"]["tok_s"], 2)},
-        "engine_identical_to_batched": w1.identity(runs["engine"]["ids"], runs["batched"]["ids"])["identical"],
-        "identity": w1.identity(runs["engine"]["ids"], runs["batched"]["ids"]),
+        "engine_identical_to_batched": identity["identical"],
+        "identity": identity,
     }
     print(json.dumps({k: results[k] for k in ("model", "device", "variants", "ratios", "engine_identical_to_batched")},
                      indent=2))

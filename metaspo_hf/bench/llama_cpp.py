@@ -1,4 +1,4 @@
-"""llama-cpp-python for W1, in its own cached virtual environment.
+"""llama-cpp-python for W1, W3 and W4, in its own cached virtual environment.
 
 It is kept out of our environment on purpose: it compiles llama.cpp from source (about 8 minutes on
 2 cores) and nothing but the benchmark needs it. ``setup()`` builds it once under
@@ -88,10 +88,11 @@ def skip_reason() -> str | None:
             "`make bench` builds it (or run `python -m metaspo_hf.bench.llama_cpp`)")
 
 
-def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, suppress: list[int]) -> dict:
-    """The worker's results: {"version", then one entry per path} (see llama_cpp_worker.py)."""
+def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, suppress: list[int],
+            repeats: int) -> dict:
+    """The worker's results: {"version", "paths": {path: {"runs": [...]}}} (see llama_cpp_worker.py)."""
     job = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
-           "suppress": suppress}
+           "suppress": suppress, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="metaspo-bench-") as folder:
         job_path, out_path = Path(folder) / "job.json", Path(folder) / "out.json"
         job_path.write_text(json.dumps(job))

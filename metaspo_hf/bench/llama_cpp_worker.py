@@ -1,9 +1,10 @@
-"""W1 on llama-cpp-python, run by ``llama_cpp.py`` inside its own virtual environment.
+"""W1, W3 and W4 on llama-cpp-python, run by ``llama_cpp.py`` inside its own virtual environment.
 
 Standalone on purpose (only ``llama_cpp`` and ``numpy`` are importable there): reads a JSON job
-``{"gguf", "prompts" (token ids), "new_tokens", "threads", "suppress" (token ids never picked)}`` from
-the file named by argv[1] and writes ``{"version", "paths": {name: {...}}}`` to argv[2]; each path has wall_s, prefill_s and the
-generated ids per prompt, or ``failed`` with the error.
+``{"gguf", "prompts" (token ids), "new_tokens", "threads", "suppress" (token ids never picked), "repeats"}``
+from the file named by argv[1] and writes ``{"version", "paths": {name: {...}}}`` to argv[2]; each path
+has ``runs``, one ``{"wall_s", "prefill_s", "ids" (per prompt)}`` per timed run after a warm-up, or
+``failed`` with the error.
 
 - ``high_level``: ``Llama.generate`` one prompt after another, greedy; its own prefix matching
   keeps the KV of the tokens shared with the previous prompt (the system prompt).
@@ -42,15 +43,18 @@ def high_level(llm, job: dict) -> dict:
             if len(tokens) == count:
                 return tokens, first_at
 
+    def timed_run() -> dict:
+        llm.reset()  # every timed run starts with an empty cache, like the other variants
+        started, prefill, ids = time.perf_counter(), 0.0, []
+        for prompt in job["prompts"]:
+            begun = time.perf_counter()
+            tokens, first_at = run(prompt, job["new_tokens"])
+            prefill += first_at - begun
+            ids.append(tokens)
+        return {"wall_s": time.perf_counter() - started, "prefill_s": prefill, "ids": ids}
+
     run(job["prompts"][0], 2)  # warm-up
-    llm.reset()  # the timed run starts with an empty cache, like the other variants
-    started, prefill, ids = time.perf_counter(), 0.0, []
-    for prompt in job["prompts"]:
-        begun = time.perf_counter()
-        tokens, first_at = run(prompt, job["new_tokens"])
-        prefill += first_at - begun
-        ids.append(tokens)
-    return {"wall_s": time.perf_counter() - started, "prefill_s": prefill, "ids": ids}
+    return {"runs": [timed_run() for _ in range(job["repeats"])]}
 
 
 class Batch:
@@ -132,15 +136,17 @@ def batched(llm, job: dict, unified: bool) -> dict:
                 ids[seq].append(pick(seq))
         return ids, prefilled_at
 
-    try:
-        run(2)  # warm-up
+    def timed_run() -> dict:
         started = time.perf_counter()
         ids, prefilled_at = run(count)
-        wall = time.perf_counter() - started
+        return {"wall_s": time.perf_counter() - started, "prefill_s": prefilled_at - started, "ids": ids}
+
+    try:
+        run(2)  # warm-up
+        return {"runs": [timed_run() for _ in range(job["repeats"])]}
     finally:
         batch.free()
         llama_cpp.llama_free(ctx)
-    return {"wall_s": wall, "prefill_s": prefilled_at - started, "ids": ids}
 
 
 def _common_prefix_len(sequences):

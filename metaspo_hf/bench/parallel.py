@@ -27,15 +27,13 @@ from pathlib import Path
 
 from ..models.base import GenerationSettings
 from ..models.parallel import Processes
-from . import print_and_write, w1
+from . import REPEATS, print_and_write, w1
 
 # Four batches of 32: each of 2 or 4 processes gets whole batches.
 WORKLOAD = w1.Workload(chats=128, new_tokens=48)
 BATCH_SIZE = 32
 QUICK = w1.Workload(chats=16, new_tokens=8)
 QUICK_BATCH_SIZE = 4
-# Medians of 3: a single run on this machine swings by about 10%.
-REPEATS = 3
 
 
 def measure(out: str, model_name: str, shape: str | None, quick: bool, repeats: int) -> None:

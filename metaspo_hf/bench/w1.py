@@ -1,4 +1,4 @@
-"""Workload W1: one scoring batch, generated four ways on the same prompts, timed and compared.
+"""Workload W1: one scoring batch, generated several ways on the same prompts, timed and compared.
 
 32 chats share one ~150-token system prompt and each ask a distinct ~30-token question; every
 variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greedily:
@@ -6,17 +6,27 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``naive``: transformers ``generate`` one chat at a time;
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
+- ``engine_bf16``: the engine on a bfloat16 copy of the model;
 - ``llama_cpp``: llama-cpp-python on the same GGUF file (see ``llama_cpp.py``), the best of its paths.
 
-Prefill seconds are the wall time of the forward passes that take more than one token per row
-(measured with forward hooks, so every variant is split the same way); decode is the rest.
+W3 (``W3``) is the same chats with 256 new tokens each: decode-heavy. W4 (``w4.py``) runs the same
+harness on long optimizer-shaped requests.
+
+Each variant is timed ``repeats`` times after a warm-up and reported by its medians, with the
+fastest and slowest wall time (``Runs``). Prefill seconds are the wall time of the forward passes
+that take more than one token per row (measured with forward hooks, so every variant is split the
+same way); decode is the rest.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from transformers import GenerationConfig
@@ -24,6 +34,7 @@ from transformers import GenerationConfig
 from ..models.base import Chat, GenerationSettings, make_chat
 from ..models.engine import HFEngine
 from ..models.prefix import common_prefix_len
+from .matmul import dtype_name
 
 SYSTEM_PROMPT = (
     "You are a patient and precise assistant who helps people reason through everyday problems. "
@@ -61,12 +72,16 @@ class Workload:
     new_tokens: int = 48
     # The development machines have 2 cores; more threads only add contention.
     threads: int = 2
+    system_prompt: ClassVar[str] = SYSTEM_PROMPT
 
     def build(self) -> list[Chat]:
-        return [make_chat(SYSTEM_PROMPT, q) for q in questions(self.chats)]
+        return [make_chat(self.system_prompt, q) for q in questions(self.chats)]
 
 
 QUICK = Workload(chats=8, new_tokens=12)
+# W3, decode-heavy: W1's chats, 256 new tokens each (the length of an optimizer reply).
+W3 = Workload(new_tokens=256)
+W3_QUICK = Workload(chats=4, new_tokens=24)
 
 
 @dataclass
@@ -79,10 +94,34 @@ class Timing:
     def decode_s(self) -> float:
         return self.wall_s - self.prefill_s
 
+
+@dataclass
+class Runs:
+    """One variant timed several times on the same prompts."""
+
+    timings: list[Timing]
+    ids: list[list[int]]  # the first run's
+    ids_stable: bool  # every run generated exactly these ids
+    settings: dict | None = None  # an engine variant's dtype, packed linears and threads
+
+    @classmethod
+    def of(cls, results: list[tuple[list[list[int]], Timing]], settings: dict | None = None) -> Runs:
+        """From (ids, timing) per run."""
+        first = results[0][0]
+        return cls([timing for _, timing in results], first, all(ids == first for ids, _ in results), settings)
+
     def as_dict(self) -> dict:
-        return {"tok_s": round(self.tokens / self.wall_s, 2), "wall_s": round(self.wall_s, 3),
-                "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
-                "new_tokens": self.tokens}
+        """Medians (wall, prefill and decode each its own), with the range of wall times. tok/s is
+        from the median wall time, so ratios of tok/s are ratios of medians."""
+        walls = [t.wall_s for t in self.timings]
+        wall = statistics.median(walls)
+        tokens = self.timings[0].tokens
+        figures = {"tok_s": round(tokens / wall, 2), "wall_s": round(wall, 3),
+                   "wall_s_min": round(min(walls), 3), "wall_s_max": round(max(walls), 3),
+                   "prefill_s": round(statistics.median(t.prefill_s for t in self.timings), 3),
+                   "decode_s": round(statistics.median(t.decode_s for t in self.timings), 3),
+                   "new_tokens": tokens, "runs": len(self.timings), "ids_stable_across_runs": self.ids_stable}
+        return {**figures, "settings": self.settings} if self.settings else figures
 
 
 @contextmanager
@@ -109,13 +148,17 @@ def prefill_clock(model):
             handle.remove()
 
 
-def timed(model, run) -> tuple[list[list[int]], Timing]:
+def timed(model, run: Callable[[], list[list[int]]]) -> tuple[list[list[int]], Timing]:
     """Runs ``run()`` (which returns token ids per chat) and times it, prefill separately."""
     with prefill_clock(model) as prefill:
         started = time.perf_counter()
         ids = run()
         wall = time.perf_counter() - started
     return ids, Timing(wall, prefill[0], sum(map(len, ids)))
+
+
+def repeated(model, run: Callable[[], list[list[int]]], times: int, settings: dict | None = None) -> Runs:
+    return Runs.of([timed(model, run) for _ in range(times)], settings)
 
 
 def prompt_ids(tokenizer, chats: list[Chat]) -> list[list[int]]:
@@ -139,37 +182,56 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, eos
     return [row[width:].tolist() for row in out]
 
 
-def run_hf_variants(model, tokenizer, workload: Workload, naive: bool = True) -> dict:
-    """(variant name -> {"timing": Timing, "ids": token ids}) for naive, batched and engine."""
+@dataclass
+class HFRuns:
+    """What ``run_hf_variants`` measured, and the prompts as every variant saw them."""
+
+    variants: dict[str, Runs]
+    prompts: list[list[int]]
+    eos_ids: list[int]
+
+
+def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
+                    bf16: bool = False) -> HFRuns:
+    """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
+    times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
+    with ``bf16``, also the engine on a bfloat16 copy of the model."""
     chats = workload.build()
     prompts = prompt_ids(tokenizer, chats)
-    engine = HFEngine(model, tokenizer, "bench", batch_size=workload.chats, progress=False, suppress_eos=True)
     settings = GenerationSettings(max_new_tokens=workload.new_tokens)
-    n = workload.new_tokens
+    engine = _warm_engine(model, tokenizer, chats)
+    eos_ids, n = engine.eos_ids, workload.new_tokens
 
     def batched():
-        return hf_generate(model, tokenizer, prompts, n, engine.eos_ids)
+        return hf_generate(model, tokenizer, prompts, n, eos_ids)
 
     def one_by_one():
-        return [hf_generate(model, tokenizer, [p], n, engine.eos_ids)[0] for p in prompts]
+        return [hf_generate(model, tokenizer, [p], n, eos_ids)[0] for p in prompts]
 
-    def ours():
-        return engine.generate_ids(chats, settings)
+    hf_generate(model, tokenizer, prompts[:2], 2, eos_ids)  # warm-up, as in _warm_engine
+    variants = {"naive": repeated(model, one_by_one, naive_runs)} if naive_runs else {}
+    variants["batched"] = repeated(model, batched, repeats)
+    variants["engine"] = repeated(model, lambda: engine.generate_ids(chats, settings), repeats, engine_settings(engine))
+    if bf16:
+        # A copy: the float32 model stays as the other variants use it.
+        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        engine_bf16 = _warm_engine(model_bf16, tokenizer, chats)
+        variants["engine_bf16"] = repeated(model_bf16, lambda: engine_bf16.generate_ids(chats, settings), repeats,
+                                           engine_settings(engine_bf16))
+    return HFRuns(variants, prompts, sorted(eos_ids))
 
-    # One small call each first: the first forward pass of a process pays one-off allocation costs.
-    hf_generate(model, tokenizer, prompts[:2], 2, engine.eos_ids)
+
+def _warm_engine(model, tokenizer, chats: list[Chat]) -> HFEngine:
+    """An engine for one batch of ``chats``, after one small call: the first forward pass of a process
+    (and the engine's first call: weight packing) pays one-off costs."""
+    engine = HFEngine(model, tokenizer, "bench", batch_size=len(chats), progress=False, suppress_eos=True)
     engine.generate_ids(chats[:2], GenerationSettings(max_new_tokens=2))
-    runs = {"batched": batched, "engine": ours}
-    if naive:
-        runs = {"naive": one_by_one, **runs}
-    results = {}
-    for name, run in runs.items():
-        ids, timing = timed(model, run)
-        results[name] = {"timing": timing, "ids": ids}
-    results["eos_ids"] = sorted(engine.eos_ids)
-    results["prompt_tokens"] = [len(p) for p in prompts]
-    results["shared_prefix_tokens"] = common_prefix_len(prompts)
-    return results
+    return engine
+
+
+def engine_settings(engine: HFEngine) -> dict:
+    return {"dtype": dtype_name(engine.model.dtype), "packed_linears": bool(engine.packed),
+            "threads": torch.get_num_threads()}
 
 
 def identity(ids: list[list[int]], reference: list[list[int]]) -> dict:
@@ -180,8 +242,10 @@ def identity(ids: list[list[int]], reference: list[list[int]]) -> dict:
             "first_difference": first}
 
 
-def workload_info(workload: Workload, prompt_tokens: list[int], shared_prefix: int, system_tokens: int) -> dict:
+def workload_info(workload: Workload, tokenizer, prompts: list[list[int]]) -> dict:
+    shared_prefix = common_prefix_len(prompts)
+    mean = sum(map(len, prompts)) / len(prompts)
+    system_tokens = len(tokenizer(workload.system_prompt, add_special_tokens=False)["input_ids"])
     return {**asdict(workload), "dtype": "float32", "device": "cpu", "greedy": True, "eos_suppressed": True,
             "system_prompt_tokens": system_tokens, "shared_prefix_tokens": shared_prefix,
-            "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
-            "suffix_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens) - shared_prefix, 1)}
+            "prompt_tokens_mean": round(mean, 1), "suffix_tokens_mean": round(mean - shared_prefix, 1)}

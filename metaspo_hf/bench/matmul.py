@@ -1,0 +1,75 @@
+"""The machine's own limit for a decode step: the model's linear layers as plain matrix products.
+
+Every distinct weight shape of the model's linear layers (the vocabulary projection included) is
+timed with ``torch.nn.functional.linear`` on random inputs of one token per row, as many times as
+the shape occurs in one forward pass, in float32 and bfloat16. Their sum is the seconds a decode
+step spends in matmuls alone; times ``new_tokens``, a floor for the decode time that attention,
+norms, token picking and the rest only add to. ``share`` says how close a variant comes to it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_shapes(model) -> Counter:
+    """(out features, in features, has bias) -> how many linear layers of that shape one forward pass runs."""
+    return Counter((m.out_features, m.in_features, m.bias is not None)
+                   for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def limit(model, rows: int, new_tokens: int, repeats: int) -> dict:
+    """Seconds per decode step of pure matmul at ``rows`` rows (median of ``repeats``), per dtype."""
+    shapes = linear_shapes(model)
+    figures = {"rows": rows, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "runs": repeats,
+               "shapes": {_name(shape): count for shape, count in sorted(shapes.items())}}
+    for dtype in DTYPES:
+        by_shape = {_name(shape): _seconds(shape, count, rows, dtype, repeats) for shape, count in sorted(shapes.items())}
+        step = sum(by_shape.values())
+        figures[dtype_name(dtype)] = {"step_s": _significant(step), "decode_floor_s": _significant(step * new_tokens),
+                                       "step_s_by_shape": {name: _significant(s) for name, s in by_shape.items()}}
+    return figures
+
+
+def share(figures: dict, dtype: str, decode_s: float) -> float | None:
+    """The matmul floor over a measured decode time: 1 would be a decode made of nothing but matmuls."""
+    return _significant(figures[dtype]["decode_floor_s"] / decode_s) if decode_s > 0 else None
+
+
+def _seconds(shape: tuple[int, int, bool], count: int, rows: int, dtype: torch.dtype, repeats: int) -> float:
+    """Median seconds of ``count`` linear calls of one shape, on ``count`` distinct weights: one reused weight
+    would stay in the CPU's caches, which the model's distinct weights do not."""
+    out_features, in_features, bias = shape
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out_features, in_features, generator=generator).to(dtype) for _ in range(count)]
+    bias_values = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    seconds = []
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, weights[0], bias_values)  # warm-up: first-call kernel setup
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for weight in weights:
+                torch.nn.functional.linear(x, weight, bias_values)
+            seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def _name(shape: tuple[int, int, bool]) -> str:
+    out_features, in_features, bias = shape
+    return f"{out_features}x{in_features}" + ("+bias" if bias else "")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _significant(value: float) -> float:
+    """3 significant digits: the tiny test model's steps take microseconds, SmolLM2's milliseconds."""
+    return float(f"{value:.3g}")
