@@ -24,8 +24,13 @@ from ..paths import cache_dir
 
 # The release whose low-level API (llama_memory_*, kv_unified) the worker is written against.
 VERSION = "0.3.36"
-# Native code for this CPU (AVX-512 here); the environment is never copied to another machine.
-CMAKE_ARGS = "-DGGML_NATIVE=ON"
+# This CPU's vector extensions, named one by one instead of -DGGML_NATIVE=ON, so that the AMX kernels
+# stay out: with them, llama_decode segfaults on any batch of 2+ tokens on AMX Xeons in VMs (issue 13;
+# upstream, ggml-org/llama.cpp#20824, a crash in ggml_backend_amx_mul_mat). The environment is never
+# copied to another machine; a CPU without AVX-512 needs these flags edited (or GGML_NATIVE=ON).
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+              "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 WORKER = Path(__file__).with_name("llama_cpp_worker.py")
 
 
@@ -41,9 +46,14 @@ def _failure_file() -> Path:
     return cache_dir("bench") / "llama-venv.failed"
 
 
+def _build_file() -> Path:
+    return env_dir() / "metaspo-build-flags.txt"
+
+
 def is_ready() -> bool:
+    """Built, importable, and built with today's flags (an environment built with others is rebuilt)."""
     python = _python(env_dir())
-    if not python.is_file():
+    if not python.is_file() or not _build_file().is_file() or _build_file().read_text() != CMAKE_ARGS:
         return False
     probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                            capture_output=True, text=True)
@@ -68,6 +78,7 @@ def setup(force: bool = False) -> str | None:
     if built.returncode != 0:
         tail = " ".join((built.stderr or built.stdout).strip().splitlines()[-3:])
         return _failed(f"pip could not build llama-cpp-python {VERSION}: {tail[-400:]}")
+    _build_file().write_text(CMAKE_ARGS)
     _failure_file().unlink(missing_ok=True)
     return None
 
