@@ -212,3 +212,18 @@ def test_the_workloads_can_be_chosen(tiny_llama, tiny_tokenizer, tmp_path, monke
     assert results["w3"]["variants"]["llama_cpp"] == {"skipped": "the model has no GGUF file"}
     with pytest.raises(MetaspoError, match="unknown workload"):
         bench.main(quick=True, workloads="w1,w5")
+
+
+def test_a_llama_cpp_environment_built_with_other_flags_is_rebuilt(tmp_path, monkeypatch):
+    """The flags decide which native kernels run (the AMX ones crash on some CPUs): an environment
+    built with other flags, or with none recorded, is not taken as ready."""
+    monkeypatch.setattr(llama_cpp, "env_dir", lambda: tmp_path)
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'print(\"{llama_cpp.VERSION}\")'\n")
+    python.chmod(0o755)
+    assert not llama_cpp.is_ready()  # no flags recorded
+    (tmp_path / "metaspo-build-flags.txt").write_text("-DGGML_NATIVE=ON")
+    assert not llama_cpp.is_ready()
+    (tmp_path / "metaspo-build-flags.txt").write_text(llama_cpp.CMAKE_ARGS)
+    assert llama_cpp.is_ready()
