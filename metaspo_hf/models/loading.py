@@ -290,7 +290,7 @@ def _assembled(target: Path, packaged: PackagedModel, files: list[Path]) -> Path
         problem = f"SHA-256 {actual}, expected {packaged.sha256}" if actual else f"{size} bytes, expected {packaged.size}"
         print(f"metaspo: {target} is corrupted ({problem}); rebuilding it from its parts", file=sys.stderr)
         target.unlink()
-    with _staged(target) as staging:
+    with staged(target) as staging:
         whole = hashlib.sha256()
         with open(staging, "wb") as out:
             for part, path in zip(packaged.parts, files, strict=True):
@@ -312,7 +312,7 @@ def _check_digest(path: Path, actual: str, expected: str, reinstall: str) -> Non
 
 
 @contextmanager
-def _staged(target: Path, folder: bool = False):
+def staged(target: Path, folder: bool = False):
     """A temporary file (or folder) beside `target`, renamed onto it when the block succeeds and removed
     otherwise, so that a crash or a failed check never leaves half a file in the cache."""
     if folder:
@@ -347,13 +347,7 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     on_cuda = torch.cuda.is_available()
-    source = check_loadable(spec)
-    if source.kind == "packaged":
-        gguf = packaged_gguf_path(spec.name_or_path)  # one in parts is assembled and checked here
-        source = ModelSource("gguf", str(gguf.parent), gguf.name)
-    if source.kind == "gguf":
-        folder = _converted_gguf(source, spec)
-        source = ModelSource("folder", str(folder))
+    source = _transformers_source(spec)
     # Read at call time (huggingface_hub reads it once at import): never touch the network when offline.
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision, local_files_only=offline)
@@ -380,6 +374,25 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _transformers_source(spec: ModelSpec) -> ModelSource:
+    """Where transformers loads the model from: a GGUF model (packaged or a file) from its safetensors copy."""
+    source = check_loadable(spec)
+    if source.kind == "packaged":
+        gguf = packaged_gguf_path(spec.name_or_path)  # one in parts is assembled and checked here
+        source = ModelSource("gguf", str(gguf.parent), gguf.name)
+    if source.kind == "gguf":
+        source = ModelSource("folder", str(_converted_gguf(source, spec)))
+    return source
+
+
+def local_folder(spec: ModelSpec) -> Path:
+    """The model folder ``load_model(spec)`` reads (for a GGUF model, its converted copy in the cache)."""
+    source = _transformers_source(spec)
+    if source.kind != "folder":
+        raise MetaspoError(f"{spec.name_or_path!r} is a hub id, not a local model", key="name_or_path")
+    return Path(source.path)
 
 
 def _bnb_config(spec: ModelSpec):
@@ -413,7 +426,7 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with _staged(target, folder=True) as staging:
+    with staged(target, folder=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
