@@ -47,8 +47,10 @@ reproduce: install
 
 bench: install
 	@# llama-cpp-python compiles llama.cpp into its own cached environment the first time (~8 min on 2 cores);
-	@# when it cannot be built, the benchmark reports the llama.cpp variant as skipped.
+	@# when it cannot be built, the benchmark reports the llama.cpp variants as skipped.
 	$(PYTHON) -m metaspo_hf.bench.llama_cpp
+	@# The model in llama.cpp's formats (F32, F16, BF16, Q8_0, Q4_0), converted once into the benchmark's cache.
+	HF_HUB_OFFLINE=1 $(PYTHON) -m metaspo_hf.bench.gguf
 	HF_HUB_OFFLINE=1 $(METASPO) bench
 
 lint: install

@@ -2,7 +2,9 @@
 decides token identity. No timing is asserted: only that the figures are there and consistent."""
 
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,10 +12,13 @@ import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
 
 from metaspo_hf import bench
+from metaspo_hf.bench import gguf as bench_gguf
 from metaspo_hf.bench import llama_cpp, matmul, parallel, w1, w4
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.models.base import GenerationSettings
 from metaspo_hf.models.engine import HFEngine
+from metaspo_hf.models.loading import ModelSpec
+from metaspo_hf.paths import cache_dir
 
 
 @pytest.fixture
@@ -29,8 +34,7 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     run_parallel = parallel.run
     monkeypatch.setattr(parallel, "run", lambda **kw: run_parallel(**{**kw, "model_name": str(tiny_model_dir),
                                                                        "repeats": 1}))
-    # A GGUF path is given, but the llama.cpp environment was never built in this private cache.
-    monkeypatch.setattr(bench, "packaged_gguf_path", lambda name: tmp_path / "model.gguf")
+    # The llama.cpp environment was never built in this private cache: llama.cpp is skipped, no GGUF is made.
     out = tmp_path / "results" / "bench.json"
     bench.main(out=str(out), quick=True, repeats=2)
 
@@ -206,10 +210,9 @@ def test_the_matmul_limit_counts_every_linear_layer(tiny_llama):
 
 def test_the_workloads_can_be_chosen(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load_model", lambda spec: (tiny_llama, tiny_tokenizer))
-    monkeypatch.setattr(bench, "packaged_gguf_path", lambda name: None)
     results = bench.main(out=str(tmp_path / "w3.json"), quick=True, workloads="w3")
     assert set(results) == {"model", "machine", "w3"}
-    assert results["w3"]["variants"]["llama_cpp"] == {"skipped": "the model has no GGUF file"}
+    assert list(results["w3"]["variants"]["llama_cpp"]) == ["skipped"]
     with pytest.raises(MetaspoError, match="unknown workload"):
         bench.main(quick=True, workloads="w1,w5")
 
@@ -227,3 +230,160 @@ def test_a_llama_cpp_environment_built_with_other_flags_is_rebuilt(tmp_path, mon
     assert not llama_cpp.is_ready()
     (tmp_path / "metaspo-build-flags.txt").write_text(llama_cpp.CMAKE_ARGS)
     assert llama_cpp.is_ready()
+
+
+def _fake_conversion_script(tools: Path, log: Path, failing: str = "") -> None:
+    """A stand-in for llama.cpp's convert_hf_to_gguf.py: logs its interpreter, argv and PYTHONPATH, and writes
+    its --outtype into --outfile, or fails on the outtype ``failing``."""
+    (tools / "gguf-py").mkdir(parents=True)
+    (tools / bench_gguf.SCRIPT).write_text(
+        "import json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps([sys.executable, sys.argv, os.environ['PYTHONPATH']]) + '\\n')\n"
+        "outtype = sys.argv[sys.argv.index('--outtype') + 1]\n"
+        f"if outtype == {failing!r}:\n"
+        "    sys.exit(f'cannot write {outtype}')\n"
+        "open(sys.argv[sys.argv.index('--outfile') + 1], 'w').write(outtype)\n")
+
+
+def test_gguf_files_are_converted_once_and_q4_0_waits_for_llama_cpp(tiny_model_dir, tmp_path, monkeypatch):
+    tools, log = tmp_path / "tools", tmp_path / "calls.jsonl"
+    _fake_conversion_script(tools, log)
+    monkeypatch.setattr(bench_gguf, "source", lambda: tools)
+    made = bench_gguf.files(tiny_model_dir, "tiny")
+    folder = cache_dir("bench", "gguf", "tiny")
+    assert list(made) == ["F32", "F16", "BF16", "Q8_0", "Q4_0"]
+    for fmt, outtype in bench_gguf.OUTTYPES.items():
+        assert made[fmt] == folder / f"{fmt}.gguf" and made[fmt].read_text() == outtype
+    # No llama.cpp environment in this private cache, so no quantizer: Q4_0 is skipped, saying why.
+    assert "make bench" in made["Q4_0"] and not (folder / "Q4_0.gguf").exists()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    for (python, argv, pythonpath), outtype in zip(calls, bench_gguf.OUTTYPES.values(), strict=True):
+        assert python == sys.executable
+        assert argv[:5] == [str(tools / bench_gguf.SCRIPT), str(tiny_model_dir), "--outtype", outtype, "--outfile"]
+        # Written under a temporary name beside the file, renamed when the script is done.
+        assert Path(argv[5]).parent == folder and Path(argv[5]).name.startswith(".staging-")
+        assert pythonpath.split(os.pathsep)[:2] == [str(tools / "gguf-py"), str(tools / "deps")]
+    assert bench_gguf.files(tiny_model_dir, "tiny") == made
+    assert len(log.read_text().splitlines()) == len(calls)  # the second call converted nothing
+
+
+def test_a_failed_conversion_fails_only_its_format_and_q4_0_is_quantized_from_f32(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    tools = tmp_path / "tools"
+    _fake_conversion_script(tools, tmp_path / "calls.jsonl", failing="bf16")
+    monkeypatch.setattr(bench_gguf, "source", lambda: tools)
+    # A ready llama.cpp environment whose quantizer copies its input.
+    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
+    monkeypatch.setattr(bench_gguf, "QUANTIZE_Q4_0", "import shutil, sys\nshutil.copy(sys.argv[1], sys.argv[2])\n")
+    made = bench_gguf.files(tiny_model_dir, "tiny-bf16-fails")  # the cache is the session's: a name of its own
+    assert "exited with code 1: cannot write bf16" in made["BF16"]
+    folder = cache_dir("bench", "gguf", "tiny-bf16-fails")
+    assert made["Q4_0"] == folder / "Q4_0.gguf" and made["Q4_0"].read_text() == "f32"
+    # Nothing half-written is left behind.
+    assert sorted(path.name for path in folder.iterdir()) == ["F16.gguf", "F32.gguf", "Q4_0.gguf", "Q8_0.gguf"]
+
+
+def test_the_packaged_file_is_the_variant_of_its_own_format(tmp_path, monkeypatch):
+    spec = ModelSpec(name_or_path=bench.MODEL, dtype="float32")
+    assert bench.gguf_files(spec) == {}  # llama.cpp cannot run here: nothing is converted
+    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    monkeypatch.setattr(bench, "local_folder", lambda spec: tmp_path / "model")
+    monkeypatch.setattr(bench_gguf, "files", lambda folder, name: {"F32": folder / "F32.gguf", "Q8_0": "failed"})
+    monkeypatch.setattr(bench, "packaged_gguf_path", lambda name: tmp_path / "packaged.gguf")
+    monkeypatch.setattr(bench_gguf, "file_format", lambda path: "Q4_1")
+    assert bench.gguf_files(spec) == {"F32": tmp_path / "model" / "F32.gguf", "Q8_0": "failed",
+                                      "Q4_1": tmp_path / "packaged.gguf"}
+    monkeypatch.setattr(bench_gguf, "file_format", lambda path: "Q8_0")  # as one of the converted formats
+    assert bench.gguf_files(spec)["Q8_0_packaged"] == tmp_path / "packaged.gguf"
+
+
+@pytest.fixture
+def format_variants(tiny_tokenizer, tmp_path, monkeypatch):
+    """The llama.cpp variants of six GGUF files run by a stand-in worker (token 7 throughout): F32 4 s, F16 3 s,
+    BF16 crashes, Q8_0 1 s, Q4_0 without a file, the packaged Q4_1 2 s. Returns (variants, the engine's runs)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, os, signal, sys\njob = json.load(open(sys.argv[1]))\n"
+        "name = os.path.basename(job['gguf'])\n"
+        "if name == 'BF16.gguf':\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "wall = {'F32.gguf': 4.0, 'F16.gguf': 3.0, 'Q8_0.gguf': 1.0, 'packaged.gguf': 2.0}[name]\n"
+        "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
+        "runs = [{'wall_s': wall, 'prefill_s': wall / 4, 'ids': ids}] * job['repeats']\n"
+        "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}}}, open(sys.argv[2], 'w'))\n")
+    monkeypatch.setattr(llama_cpp, "WORKER", worker)
+    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
+    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "F16", "BF16", "Q8_0")}
+    ggufs |= {"Q4_0": "no quantizer", "Q4_1": tmp_path / "packaged.gguf"}
+    workload = w1.Workload(chats=2, new_tokens=3)
+    engine = w1.Runs.of([([[7, 7, 7], [7, 8, 7]], w1.Timing(1.0, 0.5, 6))])
+    hf = w1.HFRuns(variants={"batched": engine, "engine": engine},
+                   prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
+    return bench._llama_cpp_variants(workload, ggufs, hf, repeats=1), engine
+
+
+def test_each_gguf_format_is_a_llama_cpp_variant_and_the_fastest_is_the_best(format_variants):
+    variants, _ = format_variants
+    assert list(variants) == ["llama_cpp_f32", "llama_cpp_f16", "llama_cpp_bf16", "llama_cpp_q8_0", "llama_cpp_q4_0",
+                              "llama_cpp_q4_1", "llama_cpp"]
+    best = variants["llama_cpp"]
+    assert (best["variant"], best["format"], best["path"], best["tok_s"]) == ("llama_cpp_q8_0", "Q8_0", "batched_split", 6.0)
+    assert "paths" not in best  # they are in its variant
+    # The crashing worker failed its own variant only.
+    bf16 = variants["llama_cpp_bf16"]
+    assert bf16["skipped"] == "every llama.cpp path failed" and "killed by SIGSEGV" in bf16["paths"]["worker"]["failed"]
+    assert variants["llama_cpp_q4_0"] == {"format": "Q4_0", "skipped": "no quantizer"}
+    # The F32 variant's tokens against the engine's: row 2 differs at its second token.
+    identity = variants["llama_cpp_f32"]["identity_to_engine"]
+    assert (identity["rows_equal"], identity["first_difference"]) == (1, [1])
+    assert all("identity_to_engine" not in variants[name] for name in ("llama_cpp_f16", "llama_cpp_q8_0"))
+    ratios = bench.ratios({"engine": {"tok_s": 12.0}, "engine_bf16": {"tok_s": 6.0}, **variants})
+    assert (ratios["engine_over_llama_cpp"], ratios["engine_over_llama_cpp_f32"]) == (2.0, 8.0)
+    assert (ratios["engine_bf16_over_llama_cpp_f16"], ratios["engine_bf16_over_llama_cpp_bf16"]) == (3.0, None)
+
+
+def test_the_table_shows_every_format_and_the_best(format_variants):
+    variants, engine = format_variants
+    limit = {"step_s": 1e-3, "decode_floor_s": 3e-3}
+    section = {"workload": {"chats": 2, "new_tokens": 3, "dtype": "float32", "device": "cpu", "threads": 2,
+                            "shared_prefix_tokens": 1, "prompt_tokens_mean": 2.0, "repeats": 1},
+               "variants": {"batched": engine.as_dict(), **variants}, "ratios": {},
+               "matmul_limit": {"rows": 2, "runs": 1, "float32": limit, "bfloat16": limit},
+               "engine_identical_to_batched": True, "identity": w1.identity(engine.ids, engine.ids)}
+    table = "\n".join(bench.generation_lines("w1", section, "tiny"))
+    assert re.search(r"^llama_cpp \(best\) .*llama_cpp_q8_0, batched_split", table, re.M)
+    assert re.search(r"^llama_cpp_f32 .*best path: batched_split .*rows equal to engine: 1/2$", table, re.M)
+    assert re.search(r"^llama_cpp_bf16 +skipped: every llama.cpp path failed\n  worker: failed: .*SIGSEGV", table, re.M)
+    assert re.search(r"^llama_cpp_q4_0 +skipped: no quantizer$", table, re.M)
+
+
+@pytest.mark.slow
+def test_llama_cpps_conversion_script_converts_the_tiny_model(tiny_model_dir, tiny_llama, tmp_path):
+    """The real script, from the llama-cpp-python sdist (fetched here: network, about a minute)."""
+    from gguf import GGUFReader
+
+    try:
+        bench_gguf.source()
+    except bench_gguf.Unavailable as why:
+        pytest.skip(f"llama.cpp's conversion script could not be fetched: {why}")
+    # The tiny tokenizer as it is: the script names a byte-level BPE pre-tokenizer by a hash of its tokens on a
+    # test text, known for published tokenizers only, so it refuses this one; each format says so.
+    refused = bench_gguf.files(tiny_model_dir, "tiny")
+    assert all("pre-tokenizer was not recognized" in refused[fmt] for fmt in bench_gguf.OUTTYPES)
+    # Read as a llama (sentencepiece-style) vocabulary instead, which needs no hash: byte fallback on, and the
+    # decoder in a sequence.
+    folder = tmp_path / "llama-vocab"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True
+    tokenizer["decoder"] = {"type": "Sequence", "decoders": [tokenizer["decoder"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    made = bench_gguf.files(folder, "tiny-llama-vocab")
+    assert "make bench" in made["Q4_0"]  # no llama.cpp environment here
+    for fmt in bench_gguf.OUTTYPES:
+        reader = GGUFReader(made[fmt])
+        assert bench_gguf.file_format(made[fmt]) == fmt
+        assert reader.fields["general.architecture"].contents() == "llama"
+        assert len(reader.tensors) == len(tiny_llama.state_dict())

@@ -24,10 +24,11 @@ import torch
 import transformers
 
 from ..errors import MetaspoError
-from ..models.loading import ModelSpec, load_model, packaged_gguf_path
+from ..models.loading import ModelSpec, load_model, local_folder, packaged_gguf_path
 from . import matmul, w1, w4  # w2 is imported where used: `python -m metaspo_hf.bench.w2` runs it alone
 
-# The issue's targets on W1: engine tok/s over batched generate, and over the best llama.cpp path.
+MODEL = "smollm2-135m-instruct"
+# The issue's targets on W1: engine tok/s over batched generate, and over the best llama.cpp variant.
 TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
 WORKLOADS = ("w1", "w2", "w3", "w4", "parallel")
 # Medians of 3: a single run on this machine swings by about 10%.
@@ -46,10 +47,12 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False, work
     repeats = (1 if quick else REPEATS) if repeats is None else repeats
     if repeats < 1 or naive_runs < 0:
         raise MetaspoError(f"repeats must be at least 1 and naive runs at least 0 (got {repeats}, {naive_runs})")
-    name = "smollm2-135m-instruct"
-    model, tokenizer = load_model(ModelSpec(name_or_path=name, dtype="float32"))
-    results = collect(model, tokenizer, gguf=packaged_gguf_path(name), quick=quick, model_name=name,
-                      workloads=chosen, repeats=repeats, naive_runs=naive_runs)
+    name = MODEL
+    spec = ModelSpec(name_or_path=name, dtype="float32")
+    model, tokenizer = load_model(spec)
+    ggufs = gguf_files(spec) if any(key in GENERATION for key in chosen) else {}
+    results = collect(model, tokenizer, ggufs, quick=quick, model_name=name, workloads=chosen, repeats=repeats,
+                      naive_runs=naive_runs)
     if loglik:
         results["loglik"] = _loglik(model, tokenizer, quick)
     if "parallel" in chosen:
@@ -73,9 +76,25 @@ def parse_workloads(names: str) -> tuple[str, ...]:
     return chosen
 
 
-def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name: str = "model",
+def gguf_files(spec: ModelSpec) -> dict[str, Path | str]:
+    """The GGUF file of each llama.cpp variant, by format: the ones converted from the model folder the engine
+    runs (``gguf.py``), and the packaged file; a format without a file maps to why. Empty while llama.cpp
+    cannot run: nothing would read them."""
+    from . import gguf, llama_cpp  # as w2: `python -m metaspo_hf.bench.gguf` (or .llama_cpp) runs it alone
+
+    if llama_cpp.skip_reason():
+        return {}
+    files = gguf.files(local_folder(spec), spec.name_or_path)
+    packaged = packaged_gguf_path(spec.name_or_path)
+    fmt = gguf.file_format(packaged) or "packaged"
+    files[f"{fmt}_packaged" if fmt in files else fmt] = packaged
+    return files
+
+
+def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False, model_name: str = "model",
             workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1) -> dict:
-    """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict."""
+    """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict; ``ggufs`` as ``gguf_files``
+    gives them."""
     threads = w1.Workload().threads
     torch.set_num_threads(threads)
     results = {"model": model_name, "machine": machine(threads)}
@@ -91,14 +110,14 @@ def collect(model, tokenizer, gguf: Path | None, quick: bool = False, model_name
             print(f"[bench] {key.upper()}: {workload.chats} chats x {workload.new_tokens} new tokens, "
                   f"{repeats} run(s) each", file=sys.stderr, flush=True)
             if key == "w1":  # the only one with the naive and bfloat16 variants, and the issue's targets
-                results[key] = {**generation(model, tokenizer, gguf, workload, repeats, naive_runs, bf16=True),
+                results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, bf16=True),
                                 "targets": TARGETS}
             else:
-                results[key] = generation(model, tokenizer, gguf, workload, repeats)
+                results[key] = generation(model, tokenizer, ggufs, workload, repeats)
     return results
 
 
-def generation(model, tokenizer, gguf: Path | None, workload: w1.Workload, repeats: int,
+def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Workload, repeats: int,
                naive_runs: int | None = None, bf16: bool = False) -> dict:
     """One generation workload (W1, W3 or W4): each variant's medians, the ratios of their tok/s, the
     engine's token identity with batched ``generate``, and the matmul limit of a decode step.
@@ -118,7 +137,7 @@ def generation(model, tokenizer, gguf: Path | None, workload: w1.Workload, repea
                                                                        batched_ids)["rows_equal"]
     if naive_runs == 0:
         variants = {"naive": {"skipped": "naive runs set to 0"}, **variants}
-    variants["llama_cpp"] = _llama_cpp(workload, gguf, hf, repeats)
+    variants.update(_llama_cpp_variants(workload, ggufs, hf, repeats))
     identity = w1.identity(hf.variants["engine"].ids, batched_ids)
     return {
         "workload": {**w1.workload_info(workload, tokenizer, hf.prompts), "repeats": repeats,
@@ -131,18 +150,39 @@ def generation(model, tokenizer, gguf: Path | None, workload: w1.Workload, repea
     }
 
 
-def _llama_cpp(workload: w1.Workload, gguf: Path | None, hf: w1.HFRuns, repeats: int) -> dict:
-    """The best llama.cpp path (by tok/s) with every path's figures, or why it was skipped."""
-    from . import (
-        llama_cpp,  # not at the top: `python -m metaspo_hf.bench.llama_cpp` imports this package first
-    )
+def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf: w1.HFRuns, repeats: int) -> dict:
+    """One llama.cpp variant per GGUF format (``llama_cpp_<format>``, each its best path), then ``llama_cpp``:
+    the fastest of them, naming its variant, format and path; only ``llama_cpp``, skipped, while llama.cpp
+    cannot run."""
+    from . import llama_cpp  # as w2: `python -m metaspo_hf.bench.llama_cpp` runs it alone
 
-    if gguf is None:
-        return {"skipped": "the model has no GGUF file"}
     reason = llama_cpp.skip_reason()
     if reason:
         print(f"[bench] llama.cpp skipped: {reason}", file=sys.stderr, flush=True)
-        return {"skipped": reason}
+        return {"llama_cpp": {"skipped": reason}}
+    variants = {}
+    for fmt, file in ggufs.items():
+        name = f"llama_cpp_{fmt.lower()}"
+        if isinstance(file, str):
+            variants[name] = {"format": fmt, "skipped": file}
+            continue
+        print(f"[bench] llama.cpp on {file}", file=sys.stderr, flush=True)
+        # The F32 file holds the engine's float32 weights, so its tokens should be the engine's: a check of
+        # the worker itself.
+        variants[name] = {"format": fmt, "gguf": str(file),
+                          **_llama_cpp(workload, file, hf, repeats, against_engine=fmt == "F32")}
+    ran = [name for name in variants if "tok_s" in variants[name]]
+    if not ran:
+        return {**variants, "llama_cpp": {"skipped": "no llama.cpp variant ran"}}
+    best = max(ran, key=lambda name: variants[name]["tok_s"])
+    return {**variants, "llama_cpp": {"variant": best, **{k: v for k, v in variants[best].items() if k != "paths"}}}
+
+
+def _llama_cpp(workload: w1.Workload, gguf: Path, hf: w1.HFRuns, repeats: int, against_engine: bool = False) -> dict:
+    """The best llama.cpp path on one GGUF file (by tok/s) with every path's figures, or why none ran. With
+    ``against_engine``, each path's token identity with the (float32) engine's."""
+    from . import llama_cpp  # see _llama_cpp_variants
+
     measured = llama_cpp.measure(gguf, hf.prompts, workload.new_tokens, workload.threads, hf.eos_ids, repeats)
     paths = {}
     for path, figures in measured["paths"].items():
@@ -153,6 +193,8 @@ def _llama_cpp(workload: w1.Workload, gguf: Path | None, hf: w1.HFRuns, repeats:
                            for run in figures["runs"]])
         agreement = w1.identity(runs.ids, hf.variants["batched"].ids)
         paths[path] = {**runs.as_dict(), "rows_equal_to_batched": agreement["rows_equal"]}
+        if against_engine:
+            paths[path]["identity_to_engine"] = w1.identity(runs.ids, hf.variants["engine"].ids)
     ran = [path for path in paths if "tok_s" in paths[path]]
     if not ran:
         return {"skipped": "every llama.cpp path failed", "build": measured["build"], "paths": paths}
@@ -168,8 +210,10 @@ def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(figures, indent=2) + "\n")
 
 
-RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("batched", "naive"),
-          ("engine_bf16", "batched"), ("engine_bf16", "engine"))
+# Besides the best llama.cpp variant, each engine variant against llama.cpp's of its precision class.
+RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("engine", "llama_cpp_f32"),
+          ("batched", "naive"), ("engine_bf16", "batched"), ("engine_bf16", "engine"),
+          ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"))
 
 
 def ratios(variants: dict) -> dict:
@@ -251,8 +295,15 @@ def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
     def row(label: str, figures: dict) -> str:
         wall = f"{figures['wall_s']:.2f} ({figures['wall_s_min']:.2f}-{figures['wall_s_max']:.2f})"
         share = figures.get("decode_share_of_matmul_limit")
-        notes = [f"rows equal to batched: {figures['rows_equal_to_batched']}/{work['chats']}"
-                 ] if "rows_equal_to_batched" in figures else []
+        notes = []
+        if "variant" in figures:  # the best llama.cpp variant
+            notes.append(f"{figures['variant']}, {figures['path']}")
+        elif "path" in figures:  # a llama.cpp variant: its best path
+            notes.append(f"best path: {figures['path']}")
+        if "rows_equal_to_batched" in figures:
+            notes.append(f"rows equal to batched: {figures['rows_equal_to_batched']}/{work['chats']}")
+        if "identity_to_engine" in figures:
+            notes.append(f"rows equal to engine: {figures['identity_to_engine']['rows_equal']}/{work['chats']}")
         if not figures["ids_stable_across_runs"]:
             notes.append("ids differ between runs")
         return (f"{label:<19}{figures['tok_s']:>8.1f}{wall:>23}{figures['prefill_s']:>11.2f}{figures['decode_s']:>10.2f}"
@@ -260,11 +311,9 @@ def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
                 + "".join(f"   {note}" for note in notes))
 
     for name, figures in section["variants"].items():
-        if "skipped" in figures:
-            lines.append(f"{name:<19}skipped: {figures['skipped']}")
-            continue
-        lines.append(row(f"{name} (best)" if "paths" in figures else name, figures))
-        for path, other in figures.get("paths", {}).items():
+        label = f"{name} (best)" if "variant" in figures else name
+        lines.append(f"{label:<19}skipped: {figures['skipped']}" if "skipped" in figures else row(label, figures))
+        for path, other in figures.get("paths", {}).items():  # a llama.cpp variant's (failed ones too)
             lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
     limit = section["matmul_limit"]
     lines.append(f"matmul limit ({limit['rows']} rows x 1 token, plain linear layers, median of {limit['runs']}): "

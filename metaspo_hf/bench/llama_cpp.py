@@ -42,6 +42,11 @@ def _python(root: Path) -> Path:
     return root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def venv_python() -> Path:
+    """The environment's interpreter: the only one that can import llama_cpp."""
+    return _python(env_dir())
+
+
 def _failure_file() -> Path:
     return cache_dir("bench") / "llama-venv.failed"
 
@@ -52,7 +57,7 @@ def _build_file() -> Path:
 
 def is_ready() -> bool:
     """Built, importable, and built with today's flags (an environment built with others is rebuilt)."""
-    python = _python(env_dir())
+    python = venv_python()
     if not python.is_file() or not _build_file().is_file() or _build_file().read_text() != CMAKE_ARGS:
         return False
     probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
@@ -108,26 +113,26 @@ def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int,
         job_path, out_path = Path(folder) / "job.json", Path(folder) / "out.json"
         job_path.write_text(json.dumps(job))
         # -I keeps the worker's own folder off sys.path: this file would shadow the llama_cpp package.
-        done = subprocess.run([str(_python(env_dir())), "-I", str(WORKER), str(job_path), str(out_path)],
+        done = subprocess.run([str(venv_python()), "-I", str(WORKER), str(job_path), str(out_path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             # A crash in native code (a segfault in llama_decode) fails the llama.cpp variant, not the benchmark.
             return {"version": VERSION, "build": CMAKE_ARGS,
-                    "paths": {"worker": {"failed": worker_failure(done.returncode, done.stderr)}}}
+                    "paths": {"worker": {"failed": process_failure(done.returncode, done.stderr)}}}
         return {**json.loads(out_path.read_text()), "build": CMAKE_ARGS}
 
 
-def worker_failure(returncode: int, stderr: str) -> str:
-    """What killed the worker, in one line: the signal when there was one, and the end of its stderr."""
+def process_failure(returncode: int, stderr: str, who: str = "the llama.cpp worker") -> str:
+    """How ``who`` (a subprocess) failed, in one line: the signal when there was one, and the end of its stderr."""
     if returncode < 0:
         try:
-            cause = f"killed by {signal.Signals(-returncode).name}"
+            cause = f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:
-            cause = f"killed by signal {-returncode}"
+            cause = f"was killed by signal {-returncode}"
     else:
-        cause = f"exit code {returncode}"
+        cause = f"exited with code {returncode}"
     tail = " ".join(stderr.strip().splitlines()[-2:])[-300:]
-    return f"the llama.cpp worker was {cause}" + (f": {tail}" if tail else " (no output)")
+    return f"{who} {cause}" + (f": {tail}" if tail else " (no output)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
 - ``engine_bf16``: the engine on a bfloat16 copy of the model;
-- ``llama_cpp``: llama-cpp-python on the same GGUF file (see ``llama_cpp.py``), the best of its paths.
+- ``llama_cpp_<format>``: llama-cpp-python (see ``llama_cpp.py``) on a GGUF file of the same weights in one
+  format (F32, F16, BF16, Q8_0, Q4_0: ``gguf.py``; and the packaged file), the best of its paths;
+- ``llama_cpp``: the fastest of those.
 
 W3 (``W3``) is the same chats with 256 new tokens each: decode-heavy. W4 (``w4.py``) runs the same
 harness on long optimizer-shaped requests.
