@@ -101,7 +101,7 @@ _ECHOES_REQUEST = re.compile(
 # (seen from a 1.5B optimizer: it turns the request itself into the template).
 _USER_ECHOES_REQUEST = re.compile(
     r"\bwrite (?:a|an|the)\b[^.\n]{0,40}\b(?:prompt|instruction)s?\b|\binput[/ -]output pairs?\b"
-    r"|\bline is appended\b|\bthe slot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
+    r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
     re.IGNORECASE,
 )
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").

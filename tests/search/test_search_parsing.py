@@ -265,6 +265,9 @@ def test_a_system_tag_wraps_a_system_prompt_like_the_prompt_tag():
     "instructions about the answer format; that line is appended automatically.\n\n{question}</prompt>",
     "<prompt>Given an input like these, a capable assistant to produce the matching output. The slot {question} "
     "stands for a whole input, exactly as shown above.</prompt>",
+    # Seen in the validity run with the budget-aware meta-prompts (seed 0), for a multiple-choice task:
+    "<prompt>You are given an input, and your task is to answer the question asked in the {question} slot. The "
+    "answer should be either \"yes\" or \"no\".</prompt>",
 ])
 def test_a_user_prompt_that_echoes_the_prompt_writing_request_is_refused(reply):
     parsed = parse_prompt(reply, "user", LIMIT)
