@@ -30,7 +30,8 @@ def write_user_prompts(
     """About ``n`` user prompts per task, each written by the optimizer from ``demos`` training pairs.
 
     All requests go in one optimizer batch (re-asks for unusable replies in one more each). Failed and
-    duplicate prompts are dropped; a task left with none falls back to its initial prompt.
+    duplicate prompts are dropped; a task left with fewer than ``n`` also gets its initial prompt, so that
+    a failing optimizer costs the comparison items but not a whole user prompt's worth of them.
     """
     search = search or SearchConfig()
     writer = PromptWriter(optimizer, seed, "user_prompts", search.max_parse_retries, search.max_prompt_chars)
@@ -41,7 +42,9 @@ def write_user_prompts(
     written = {}
     for i, task in enumerate(tasks):
         kept = list(dict.fromkeys(t for t in texts[i * n : (i + 1) * n] if t is not None))
-        written[task.name] = kept or [task.initial_prompt]
+        if len(kept) < n:
+            kept = list(dict.fromkeys([*kept, task.initial_prompt]))
+        written[task.name] = kept
     if on_event:
         on_event(
             {

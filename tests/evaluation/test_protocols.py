@@ -44,7 +44,7 @@ def test_write_user_prompts_writes_n_per_task_from_demos_in_one_batch():
     assert again == written
 
 
-def test_write_user_prompts_drops_failures_and_duplicates_and_falls_back_to_the_initial_prompt():
+def test_write_user_prompts_drops_failures_and_duplicates_and_fills_in_with_the_initial_prompt():
     def respond(chat, settings, k):
         request = turns(chat)[1]
         if "[a-train-" in request:
@@ -56,7 +56,7 @@ def test_write_user_prompts_drops_failures_and_duplicates_and_falls_back_to_the_
     written = search.write_user_prompts(
         tasks, optimizer, n=3, seed=0, demos=2, search=SearchConfig(max_parse_retries=1)
     )
-    assert written == {"a": ["Same prompt for a: {question}"], "b": [tasks[1].initial_prompt]}
+    assert written == {"a": ["Same prompt for a: {question}", tasks[0].initial_prompt], "b": [tasks[1].initial_prompt]}
     assert batch_sizes(optimizer) == [6, 3]  # b's three refusals are re-asked once, together
 
 
