@@ -26,6 +26,15 @@ def fake_bigbench(tmp_path, monkeypatch):
     monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive")))
 
 
+
+def fake_worker(tmp_path, monkeypatch, script: str) -> None:
+    """The llama.cpp worker replaced by ``script``, run by this Python, with the environment taken as ready."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(script)
+    monkeypatch.setattr(llama_cpp, "WORKER", worker)
+    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
+    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+
 def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer, tiny_model_dir, fake_bigbench,
                                                       tmp_path, monkeypatch, capsys):
     # The names bench.main calls (imported from models.loading).
@@ -132,12 +141,8 @@ def test_suppressed_eos_generates_exactly_max_new_tokens(tiny_llama, tiny_tokeni
 
 
 def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_tokenizer, tmp_path, monkeypatch):
-    crash = tmp_path / "worker.py"
-    crash.write_text("import os, signal, sys\nprint('llama_decode: bad batch', file=sys.stderr, flush=True)\n"
-                     "os.kill(os.getpid(), signal.SIGSEGV)\n")
-    monkeypatch.setattr(llama_cpp, "WORKER", crash)
-    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
-    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    fake_worker(tmp_path, monkeypatch, "import os, signal, sys\nprint('llama_decode: bad batch', file=sys.stderr, "
+                "flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     hf = w1.HFRuns(variants={}, prompts=w1.prompt_ids(tiny_tokenizer, w1.QUICK.build()), eos_ids=[])
     figures = bench._llama_cpp(w1.QUICK, tmp_path / "model.gguf", hf, repeats=1)
     assert figures["skipped"] == "every llama.cpp path failed"
@@ -148,16 +153,12 @@ def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_to
 
 def test_llama_cpp_paths_report_the_medians_of_the_workers_runs(tiny_tokenizer, tmp_path, monkeypatch):
     # A stand-in worker: every path generates token 7 throughout, in runs of 2, 4 and 3 seconds.
-    worker = tmp_path / "worker.py"
-    worker.write_text(
-        "import json, sys\njob = json.load(open(sys.argv[1]))\n"
-        "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
-        "runs = [{'wall_s': w, 'prefill_s': w / 4, 'ids': ids} for w in (2.0, 4.0, 3.0)[:job['repeats']]]\n"
-        "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}, "
-        "'high_level': {'failed': 'no'}}}, open(sys.argv[2], 'w'))\n")
-    monkeypatch.setattr(llama_cpp, "WORKER", worker)
-    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
-    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    fake_worker(tmp_path, monkeypatch,
+                "import json, sys\njob = json.load(open(sys.argv[1]))\n"
+                "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
+                "runs = [{'wall_s': w, 'prefill_s': w / 4, 'ids': ids} for w in (2.0, 4.0, 3.0)[:job['repeats']]]\n"
+                "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}, "
+                "'high_level': {'failed': 'no'}}}, open(sys.argv[2], 'w'))\n")
     workload = w1.Workload(chats=2, new_tokens=3)
     batched = w1.Runs.of([([[7, 7, 7], [7, 7, 8]], w1.Timing(1.0, 0.5, 6))])
     hf = w1.HFRuns(variants={"batched": batched}, prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
@@ -303,18 +304,14 @@ def test_the_packaged_file_is_the_variant_of_its_own_format(tmp_path, monkeypatc
 def format_variants(tiny_tokenizer, tmp_path, monkeypatch):
     """The llama.cpp variants of six GGUF files run by a stand-in worker (token 7 throughout): F32 4 s, F16 3 s,
     BF16 crashes, Q8_0 1 s, Q4_0 without a file, the packaged Q4_1 2 s. Returns (variants, the engine's runs)."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(
-        "import json, os, signal, sys\njob = json.load(open(sys.argv[1]))\n"
-        "name = os.path.basename(job['gguf'])\n"
-        "if name == 'BF16.gguf':\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
-        "wall = {'F32.gguf': 4.0, 'F16.gguf': 3.0, 'Q8_0.gguf': 1.0, 'packaged.gguf': 2.0}[name]\n"
-        "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
-        "runs = [{'wall_s': wall, 'prefill_s': wall / 4, 'ids': ids}] * job['repeats']\n"
-        "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}}}, open(sys.argv[2], 'w'))\n")
-    monkeypatch.setattr(llama_cpp, "WORKER", worker)
-    monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
-    monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
+    fake_worker(tmp_path, monkeypatch,
+                "import json, os, signal, sys\njob = json.load(open(sys.argv[1]))\n"
+                "name = os.path.basename(job['gguf'])\n"
+                "if name == 'BF16.gguf':\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+                "wall = {'F32.gguf': 4.0, 'F16.gguf': 3.0, 'Q8_0.gguf': 1.0, 'packaged.gguf': 2.0}[name]\n"
+                "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
+                "runs = [{'wall_s': wall, 'prefill_s': wall / 4, 'ids': ids}] * job['repeats']\n"
+                "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}}}, open(sys.argv[2], 'w'))\n")
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "F16", "BF16", "Q8_0")}
     ggufs |= {"Q4_0": "no quantizer", "Q4_1": tmp_path / "packaged.gguf"}
     workload = w1.Workload(chats=2, new_tokens=3)
