@@ -12,7 +12,7 @@ help:
 	@echo "make install-models  install, then add the optional Qwen2.5-Coder 0.5B and 1.5B models (hash-pinned, ~1.6 GB)"
 	@echo "make test        install, then run the default test suite (fast; no slow or GPU tests)"
 	@echo "make reproduce   install, then train + evaluate + report on the embedded default model, offline"
-	@echo "make bench       install, then measure the generation engine against plain HF generate"
+	@echo "make bench       install (and torchao, bitsandbytes), then measure the generation engine against plain HF generate"
 	@echo "make lint        ruff"
 	@echo "make clean       remove build and test caches (keeps runs/ and the model cache)"
 
@@ -46,6 +46,8 @@ reproduce: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(METASPO) reproduce $(RECIPE)
 
 bench: install
+	@# The int8 variants' libraries: the `bench` extra's pins, --no-deps so that the installed torch stays.
+	$(PYTHON) -m pip install --no-deps "torchao==0.18.0" "bitsandbytes==0.50.2"
 	@# llama-cpp-python compiles llama.cpp into its own cached environment the first time (~8 min on 2 cores);
 	@# when it cannot be built, the benchmark reports the llama.cpp variants as skipped.
 	$(PYTHON) -m metaspo_hf.bench.llama_cpp

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed runs per variant, medians reported (default 3; 1 with --quick)")
     p.add_argument("--naive-runs", type=int, default=1,
                    help="timed runs of W1's slow one-chat-at-a-time variant (default 1; 0 skips it)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="W1's int8 engine variants, torchao and bitsandbytes (default: on; each is skipped where "
+                        "its library is missing)")
     return parser
 
 
@@ -121,7 +124,7 @@ def run_command(args: argparse.Namespace) -> None:
         from .bench import main as bench_main
 
         bench_main(out=args.out, quick=args.quick, loglik=args.loglik, workloads=args.workloads, repeats=args.repeats,
-                   naive_runs=args.naive_runs)
+                   naive_runs=args.naive_runs, int8=args.int8)
     else:
         phases = {"train": ("train",), "evaluate": ("evaluate",), "adapt": ("adapt",),
                   "reproduce": ("train", "evaluate", "adapt")}[command]

@@ -21,7 +21,7 @@ from .evaluation.protocols import (
 )
 from .models.base import LM, GenerationSettings, make_chat
 from .models.cache import CachedEngine
-from .models.loading import PACKAGED_MODELS, check_loadable, load_engines, resolve_source
+from .models.loading import CUDA_QUANTIZATIONS, PACKAGED_MODELS, check_loadable, load_engines, resolve_source
 from .models.parallel import SINGLE, Processes
 from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
 from .reference_files import read_fixed_user_prompts, read_system_prompt
@@ -336,7 +336,7 @@ def validate(recipe_name: str, overrides: list[str]) -> None:
             print(f"  {role} {task.name}: {train} / {len(task.test)} test questions, "
                   f"from {_pool_text(task.meta['pool_sizes'])}")
     # A valid recipe may still need other hardware than this machine's: say so, without failing.
-    if any(spec.quantization != "none" for spec in specs) and not torch.cuda.is_available():
+    if any(spec.quantization in CUDA_QUANTIZATIONS for spec in specs) and not torch.cuda.is_available():
         print(f"note: {recipe.path} quantizes with bitsandbytes, which needs a CUDA GPU; this machine has none")
 
 

@@ -1,6 +1,7 @@
 """The `metaspo bench` harness on a tiny random model: the JSON it writes, the table it prints, and how it
 decides token identity. No timing is asserted: only that the figures are there and consistent."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -9,12 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.fake_bigbench import write_fake_bigbench
 
 from metaspo_hf import bench
 from metaspo_hf.bench import gguf as bench_gguf
 from metaspo_hf.bench import llama_cpp, matmul, parallel, w1, w4
+from metaspo_hf.cli import build_parser
 from metaspo_hf.errors import MetaspoError
+from metaspo_hf.models import quantized
 from metaspo_hf.models.base import GenerationSettings
 from metaspo_hf.models.engine import HFEngine
 from metaspo_hf.models.loading import ModelSpec
@@ -54,7 +58,12 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         w1.QUICK.chats, w1.QUICK.new_tokens, 2, 1)
     assert 0 < work["shared_prefix_tokens"] < work["prompt_tokens_mean"]
     variants = w1_section["variants"]
-    assert list(variants) == ["naive", "batched", "engine", "engine_bf16", "llama_cpp"]
+    assert list(variants) == ["naive", "batched", "engine", "engine_bf16", *w1.INT8_VARIANTS, "llama_cpp"]
+    for name in w1.INT8_VARIANTS:  # each ran on the tiny model, or says why not (its library missing here)
+        figures = variants[name]
+        assert figures["skipped"] if "skipped" in figures else (
+            figures["new_tokens"] == work["chats"] * work["new_tokens"]
+            and 0 <= figures["rows_equal_to_batched"] <= work["chats"] and figures["settings"]["library"])
     for name in ("naive", "batched", "engine", "engine_bf16"):
         figures = variants[name]
         # EOS is suppressed, so every variant generates exactly the workload's tokens.
@@ -79,6 +88,7 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     # Ratios are of the reported tok/s, which come from the median wall times.
     for a, b in (("engine", "batched"), ("engine", "naive"), ("engine_bf16", "engine")):
         assert ratios[f"{a}_over_{b}"] == round(variants[a]["tok_s"] / variants[b]["tok_s"], 2)
+    assert {f"{name}_over_{b}" for name in w1.INT8_VARIANTS for b in ("batched", "engine_bf16")} <= set(ratios)
     assert w1_section["engine_identical_to_batched"] is True
 
     for key, workload in (("w3", w1.W3_QUICK), ("w4", w4.QUICK)):
@@ -108,6 +118,7 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     assert all(f"{key}:" in printed for key in ("W1", "W2", "W3", "W4", "Data parallel"))
     assert re.search(r"^llama_cpp +skipped: ", printed, re.M) and "matmul limit" in printed
     assert re.search(r"^engine_bf16 .*rows equal to batched: \d+/8$", printed, re.M)
+    assert re.search(r"^engine_int8_torchao +(skipped: |[\d.]+ .*torchao .*rows equal to batched: \d+/8$)", printed, re.M)
     assert printed.strip().endswith(str(out))
 
 
@@ -125,6 +136,58 @@ def test_identity_is_decided_by_comparing_tokens(tiny_llama, tiny_tokenizer, mon
     verdict = w1.identity(runs["engine"].ids, runs["batched"].ids)
     assert verdict["identical"] is False
     assert (verdict["rows_equal"], verdict["first_difference"]) == (3, [4])
+
+
+@pytest.mark.parametrize("name", list(w1.INT8_VARIANTS))
+def test_an_int8_variant_generates_every_token_on_a_quantized_copy(tiny_llama, tiny_tokenizer, name, monkeypatch):
+    quantization = w1.INT8_VARIANTS[name]
+    library = quantized.INT8_LIBRARIES[quantization]
+    pytest.importorskip(library)
+    monkeypatch.setattr(w1, "INT8_VARIANTS", {name: quantization})  # this one only
+    workload = w1.Workload(chats=3, new_tokens=5)
+    runs = w1.run_hf_variants(tiny_llama, tiny_tokenizer, workload, int8=True).variants[name]
+    assert isinstance(runs, w1.Runs), runs  # else: why it could not run
+    assert [len(row) for row in runs.ids] == [workload.new_tokens] * workload.chats
+    settings = runs.settings
+    assert (settings["library"], settings["version"]) == (library, importlib.metadata.version(library))
+    assert settings["dtype"] == settings["activation_dtype"] == "bfloat16" and settings["scheme"]
+    # Every linear layer of the decoder blocks (7 per layer) is quantized; the output projection stays float.
+    assert settings["quantized_linears"] == 7 * tiny_llama.config.num_hidden_layers
+    assert settings["float_linears"] == ["lm_head"] and isinstance(settings["packed_linears"], bool)
+    # The quantized model is a copy: the float32 one is as it was.
+    assert all(type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.float32
+               for m in tiny_llama.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_int8_variants_without_their_libraries_are_skipped_with_the_reason(tiny_llama, tiny_tokenizer, monkeypatch):
+    for library in quantized.INT8_LIBRARIES.values():
+        monkeypatch.setitem(sys.modules, library, None)  # `import library` raises ImportError
+    section = bench.generation(tiny_llama, tiny_tokenizer, {}, w1.Workload(chats=2, new_tokens=3), repeats=1,
+                               bf16=True, int8=True)
+    variants = section["variants"]
+    assert list(variants)[:5] == ["batched", "engine", "engine_bf16", "engine_int8_torchao", "engine_int8_bnb"]
+    for name, quantization in w1.INT8_VARIANTS.items():
+        library = quantized.INT8_LIBRARIES[quantization]
+        assert variants[name]["skipped"].startswith(f"model.quantization={quantization!r} needs {library}")
+        assert f'pip install --no-deps "{library}==' in variants[name]["skipped"]
+        assert section["ratios"][f"{name}_over_engine_bf16"] is None
+    turned_off = bench.generation(tiny_llama, tiny_tokenizer, {}, w1.Workload(chats=2, new_tokens=3), repeats=1,
+                                  int8=False)["variants"]
+    assert all(turned_off[name] == {"skipped": "int8 variants turned off (--no-int8)"} for name in w1.INT8_VARIANTS)
+    assert build_parser().parse_args(["bench", "--no-int8"]).int8 is False
+    assert build_parser().parse_args(["bench"]).int8 is True
+
+
+def test_the_int8_libraries_are_pinned_alike_in_the_bench_extra_the_makefile_and_the_hint():
+    """`make bench` installs them with --no-deps (bitsandbytes declares torch): the same pins as the extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pins = [f"{library}=={version}" for library, version in quantized.TESTED.items()]
+    repo = Path(__file__).resolve().parent.parent
+    assert sorted(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]) \
+        == sorted(pins)
+    install = next(line for line in (repo / "Makefile").read_text().splitlines() if "--no-deps" in line
+                   and "torchao" in line)
+    assert install.split("--no-deps", 1)[1].split() == [f'"{pin}"' for pin in pins]
 
 
 def test_suppressed_eos_generates_exactly_max_new_tokens(tiny_llama, tiny_tokenizer):

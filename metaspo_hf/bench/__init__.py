@@ -40,9 +40,10 @@ GENERATION = {"w1": ("one scoring batch", w1.Workload(), w1.QUICK),
 
 
 def main(out: str | None = None, quick: bool = False, loglik: bool = False, workloads: str | None = None,
-         repeats: int | None = None, naive_runs: int = 1) -> dict:
+         repeats: int | None = None, naive_runs: int = 1, int8: bool = True) -> dict:
     """``workloads``: comma-separated names from ``WORKLOADS`` (default: all); ``repeats``: timed runs per
-    variant (default 3, 1 with ``quick``); ``naive_runs``: W1's naive variant's runs (0 skips it)."""
+    variant (default 3, 1 with ``quick``); ``naive_runs``: W1's naive variant's runs (0 skips it); ``int8``:
+    W1's int8 engine variants (each skipped where its library is missing)."""
     chosen = parse_workloads(workloads) if workloads else WORKLOADS
     repeats = (1 if quick else REPEATS) if repeats is None else repeats
     if repeats < 1 or naive_runs < 0:
@@ -52,7 +53,7 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False, work
     model, tokenizer = load_model(spec)
     ggufs = gguf_files(spec) if any(key in GENERATION for key in chosen) else {}
     results = collect(model, tokenizer, ggufs, quick=quick, model_name=name, workloads=chosen, repeats=repeats,
-                      naive_runs=naive_runs)
+                      naive_runs=naive_runs, int8=int8)
     if loglik:
         results["loglik"] = _loglik(model, tokenizer, quick)
     if "parallel" in chosen:
@@ -92,7 +93,8 @@ def gguf_files(spec: ModelSpec) -> dict[str, Path | str]:
 
 
 def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False, model_name: str = "model",
-            workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1) -> dict:
+            workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1,
+            int8: bool = True) -> dict:
     """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict; ``ggufs`` as ``gguf_files``
     gives them."""
     threads = w1.Workload().threads
@@ -109,32 +111,36 @@ def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False,
             workload = small if quick else full
             print(f"[bench] {key.upper()}: {workload.chats} chats x {workload.new_tokens} new tokens, "
                   f"{repeats} run(s) each", file=sys.stderr, flush=True)
-            if key == "w1":  # the only one with the naive and bfloat16 variants, and the issue's targets
-                results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, bf16=True),
-                                "targets": TARGETS}
+            if key == "w1":  # the only one with the naive, bfloat16 and int8 variants, and the issue's targets
+                results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, bf16=True,
+                                             int8=int8), "targets": TARGETS}
             else:
                 results[key] = generation(model, tokenizer, ggufs, workload, repeats)
     return results
 
 
 def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Workload, repeats: int,
-               naive_runs: int | None = None, bf16: bool = False) -> dict:
+               naive_runs: int | None = None, bf16: bool = False, int8: bool | None = None) -> dict:
     """One generation workload (W1, W3 or W4): each variant's medians, the ratios of their tok/s, the
     engine's token identity with batched ``generate``, and the matmul limit of a decode step.
-    ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped."""
-    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16)
+    ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped; ``int8``: None
+    where it has no int8 variants, False to list them as skipped."""
+    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16, bool(int8))
     limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
     batched_ids = hf.variants["batched"].ids
     variants = {}
     for name, runs in hf.variants.items():
+        if isinstance(runs, str):  # an int8 variant that could not run
+            variants[name] = {"skipped": runs}
+            continue
         figures = runs.as_dict()
         if runs.settings:  # an engine variant: how close its decode comes to the matmul floor of its dtype
             figures["decode_share_of_matmul_limit"] = matmul.share(limit, runs.settings["dtype"], figures["decode_s"])
+        if name in w1.COPY_VARIANTS:  # bfloat16 and int8 round differently: tokens compared, not expected identical
+            figures["rows_equal_to_batched"] = w1.identity(runs.ids, batched_ids)["rows_equal"]
         variants[name] = figures
-    if bf16:
-        # bfloat16 rounds differently, so its tokens are compared, not expected to be identical.
-        variants["engine_bf16"]["rows_equal_to_batched"] = w1.identity(hf.variants["engine_bf16"].ids,
-                                                                       batched_ids)["rows_equal"]
+    if int8 is False:
+        variants.update({name: {"skipped": "int8 variants turned off (--no-int8)"} for name in w1.INT8_VARIANTS})
     if naive_runs == 0:
         variants = {"naive": {"skipped": "naive runs set to 0"}, **variants}
     variants.update(_llama_cpp_variants(workload, ggufs, hf, repeats))
@@ -210,10 +216,12 @@ def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(figures, indent=2) + "\n")
 
 
-# Besides the best llama.cpp variant, each engine variant against llama.cpp's of its precision class.
+# Besides the best llama.cpp variant, each engine variant against llama.cpp's of its precision class; the int8
+# ones also against the bfloat16 engine (the issue keeps the faster of bfloat16 and int8 at equal scores).
 RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("engine", "llama_cpp_f32"),
           ("batched", "naive"), ("engine_bf16", "batched"), ("engine_bf16", "engine"),
-          ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"))
+          ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"),
+          *((name, other) for name in w1.INT8_VARIANTS for other in ("batched", "engine_bf16", "llama_cpp_q8_0")))
 
 
 def ratios(variants: dict) -> dict:
@@ -280,6 +288,10 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+# The width of the tables' variant column: the longest name ("engine_int8_torchao") and two spaces.
+LABEL = 21
+
+
 def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
     """The table of one generation workload: medians, with the range of wall times."""
     work = section["workload"]
@@ -288,7 +300,7 @@ def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
              f"(EOS suppressed), greedy, {model_name} {work['dtype']} on {work['device']}, {work['threads']} threads; "
              f"shared prefix {work['shared_prefix_tokens']} tokens, prompts {work['prompt_tokens_mean']} tokens on "
              f"average; {runs}",
-             f"{'variant':<19}{'tok/s':>8}{'wall s (min-max)':>23}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"
+             f"{'variant':<{LABEL}}{'tok/s':>8}{'wall s (min-max)':>23}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"
              f"{'decode/limit':>14}"]
     batched = section["variants"]["batched"]["tok_s"]
 
@@ -300,19 +312,21 @@ def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
             notes.append(f"{figures['variant']}, {figures['path']}")
         elif "path" in figures:  # a llama.cpp variant: its best path
             notes.append(f"best path: {figures['path']}")
+        if "library" in figures.get("settings", {}):  # an int8 variant
+            notes.append(f"{figures['settings']['library']} {figures['settings']['version']}")
         if "rows_equal_to_batched" in figures:
             notes.append(f"rows equal to batched: {figures['rows_equal_to_batched']}/{work['chats']}")
         if "identity_to_engine" in figures:
             notes.append(f"rows equal to engine: {figures['identity_to_engine']['rows_equal']}/{work['chats']}")
         if not figures["ids_stable_across_runs"]:
             notes.append("ids differ between runs")
-        return (f"{label:<19}{figures['tok_s']:>8.1f}{wall:>23}{figures['prefill_s']:>11.2f}{figures['decode_s']:>10.2f}"
+        return (f"{label:<{LABEL}}{figures['tok_s']:>8.1f}{wall:>23}{figures['prefill_s']:>11.2f}{figures['decode_s']:>10.2f}"
                 f"{figures['tok_s'] / batched:>11.2f}x{'' if share is None else f'{share:.3g}':>14}"
                 + "".join(f"   {note}" for note in notes))
 
     for name, figures in section["variants"].items():
         label = f"{name} (best)" if "variant" in figures else name
-        lines.append(f"{label:<19}skipped: {figures['skipped']}" if "skipped" in figures else row(label, figures))
+        lines.append(f"{label:<{LABEL}}skipped: {figures['skipped']}" if "skipped" in figures else row(label, figures))
         for path, other in figures.get("paths", {}).items():  # a llama.cpp variant's (failed ones too)
             lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
     limit = section["matmul_limit"]

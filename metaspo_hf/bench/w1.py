@@ -7,6 +7,9 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
 - ``engine_bf16``: the engine on a bfloat16 copy of the model;
+- ``engine_int8_torchao``, ``engine_int8_bnb``: the engine on a bfloat16 copy whose linear layers (but the
+  output projection) hold int8 weights, by torchao or bitsandbytes (``models/quantized.py``); each is
+  reported as skipped, with the reason, where its library is missing or fails;
 - ``llama_cpp_<format>``: llama-cpp-python (see ``llama_cpp.py``) on a GGUF file of the same weights in one
   format (F32, F16, BF16, Q8_0, Q4_0: ``gguf.py``; and the packaged file), the best of its paths;
 - ``llama_cpp``: the fastest of those.
@@ -28,14 +31,17 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
 from transformers import GenerationConfig
 
+from ..errors import MetaspoError
 from ..models.base import Chat, GenerationSettings, make_chat
 from ..models.engine import HFEngine
 from ..models.prefix import common_prefix_len
+from ..models.quantized import quantize_int8
 from .matmul import dtype_name
 
 SYSTEM_PROMPT = (
@@ -104,7 +110,7 @@ class Runs:
     timings: list[Timing]
     ids: list[list[int]]  # the first run's
     ids_stable: bool  # every run generated exactly these ids
-    settings: dict | None = None  # an engine variant's dtype, packed linears and threads
+    settings: dict | None = None  # an engine variant's dtype, packed linears, threads (and quantization)
 
     @classmethod
     def of(cls, results: list[tuple[list[list[int]], Timing]], settings: dict | None = None) -> Runs:
@@ -188,16 +194,26 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, eos
 class HFRuns:
     """What ``run_hf_variants`` measured, and the prompts as every variant saw them."""
 
-    variants: dict[str, Runs]
+    variants: dict[str, Runs | str]  # a str: why that variant could not run (an int8 one only)
     prompts: list[list[int]]
     eos_ids: list[int]
 
 
+# The int8 variants: model.quantization of each (models/quantized.py).
+INT8_VARIANTS = {"engine_int8_torchao": "int8-torchao", "engine_int8_bnb": "int8-bnb"}
+# Their activations (and their float layers): bfloat16, where torchao's CPU kernel runs fastest (it converts the
+# int8 weights to the activation dtype and multiplies in it: AMX for bfloat16).
+INT8_ACTIVATIONS = torch.bfloat16
+# The engine on a converted copy of the float32 model: its tokens are compared with batched generate's.
+COPY_VARIANTS = ("engine_bf16", *INT8_VARIANTS)
+
+
 def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
-                    bf16: bool = False) -> HFRuns:
+                    bf16: bool = False, int8: bool = False) -> HFRuns:
     """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
     times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
-    with ``bf16``, also the engine on a bfloat16 copy of the model."""
+    with ``bf16``, also the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
+    (each one that cannot run as the reason why)."""
     chats = workload.build()
     prompts = prompt_ids(tokenizer, chats)
     settings = GenerationSettings(max_new_tokens=workload.new_tokens)
@@ -215,12 +231,44 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
     variants["batched"] = repeated(model, batched, repeats)
     variants["engine"] = repeated(model, lambda: engine.generate_ids(chats, settings), repeats, engine_settings(engine))
     if bf16:
-        # A copy: the float32 model stays as the other variants use it.
-        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        engine_bf16 = _warm_engine(model_bf16, tokenizer, chats)
-        variants["engine_bf16"] = repeated(model_bf16, lambda: engine_bf16.generate_ids(chats, settings), repeats,
-                                           engine_settings(engine_bf16))
+        variants["engine_bf16"] = _engine_on_copy(model, tokenizer, chats, settings, repeats, _to_bfloat16)
+    for name, quantization in INT8_VARIANTS.items() if int8 else ():
+        try:
+            variants[name] = _engine_on_copy(model, tokenizer, chats, settings, repeats,
+                                             partial(_quantized, quantization=quantization))
+        except Exception as error:  # a missing library, or one that fails on this machine: never the benchmark
+            variants[name] = _why(error)
     return HFRuns(variants, prompts, sorted(eos_ids))
+
+
+def _engine_on_copy(model, tokenizer, chats: list[Chat], settings: GenerationSettings, repeats: int,
+                    convert: Callable[[torch.nn.Module], dict]) -> Runs:
+    """The engine on a copy of ``model`` changed in place by ``convert`` (which returns settings to record):
+    the float32 model stays as the other variants use it."""
+    converted = copy.deepcopy(model)
+    recorded = convert(converted)
+    engine = _warm_engine(converted, tokenizer, chats)
+    return repeated(converted, lambda: engine.generate_ids(chats, settings), repeats,
+                    {**engine_settings(engine), **recorded})
+
+
+def _why(error: Exception) -> str:
+    """One line: a missing library's message with its install hint, else the error's type and first line (a
+    native library's message can run for pages)."""
+    if isinstance(error, MetaspoError):
+        return error.one_line()
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _to_bfloat16(model) -> dict:
+    model.to(torch.bfloat16)
+    return {}
+
+
+def _quantized(model, quantization: str) -> dict:
+    model.to(INT8_ACTIVATIONS)
+    return quantize_int8(model, quantization)
 
 
 def _warm_engine(model, tokenizer, chats: list[Chat]) -> HFEngine:

@@ -16,8 +16,12 @@ from pathlib import Path
 from ..errors import MetaspoError
 from ..paths import cache_dir
 from .parallel import SINGLE, Processes
+from .quantized import INT8_LIBRARIES, quantize_int8, require
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
+# bitsandbytes through transformers' loading, on CUDA only.
+CUDA_QUANTIZATIONS = ("4bit", "8bit")
+# After loading, any device (meant for CPU): quantized.py.
+QUANTIZATIONS = ("none", *CUDA_QUANTIZATIONS, *INT8_LIBRARIES)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -132,7 +136,8 @@ class ModelSpec:
     dtype: str = "auto"
     # "auto" spreads a large model over the visible GPUs through accelerate; None uses one device.
     device_map: str | None = None
-    # bitsandbytes quantization; CUDA only.
+    # "4bit" and "8bit": bitsandbytes through transformers, CUDA only. "int8-torchao" and "int8-bnb": int8 linear
+    # weights by torchao or bitsandbytes, after loading, for CPU (quantized.py); activations in `dtype`.
     quantization: str = "none"
     # nf4 is the 4-bit type the QLoRA paper found best for normally distributed weights.
     bnb_4bit_quant_type: str = "nf4"
@@ -194,9 +199,12 @@ def check_loadable(spec: ModelSpec) -> ModelSource:
     """What can be known without loading weights: the source exists, and the hardware fits the settings."""
     import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
-    if spec.quantization != "none" and not torch.cuda.is_available():
+    if spec.quantization in CUDA_QUANTIZATIONS and not torch.cuda.is_available():
         raise MetaspoError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes), and none is visible",
-                           hint="set model.quantization: none to run on CPU", key="quantization")
+                           hint=f"set model.quantization: none (or {' or '.join(INT8_LIBRARIES)}) to run on CPU",
+                           key="quantization")
+    if spec.quantization in INT8_LIBRARIES:
+        require(spec.quantization)
     return resolve_source(spec)
 
 
@@ -354,7 +362,7 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
     model_kwargs = dict(kwargs, dtype=_torch_dtype(spec, on_cuda))
     if spec.device_map:
         model_kwargs["device_map"] = spec.device_map
-    if spec.quantization != "none":
+    if spec.quantization in CUDA_QUANTIZATIONS:
         model_kwargs["quantization_config"] = _bnb_config(spec)
         model_kwargs.setdefault("device_map", "auto")
     gpus = processes.gpus(torch.cuda.device_count()) if on_cuda else []
@@ -371,6 +379,8 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
                            key="name_or_path") from None
     if on_cuda and "device_map" not in model_kwargs:
         model = model.to(f"cuda:{gpus[0]}")
+    if spec.quantization in INT8_LIBRARIES:
+        quantize_int8(model, spec.quantization)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

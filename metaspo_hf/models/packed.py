@@ -19,12 +19,12 @@ _packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packed_linear_weights(model) -> dict:
-    """{Linear module: its weight packed for oneDNN} for a float CPU model, else {} (not on CPU, no oneDNN,
-    over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing or disagrees)."""
+    """{Linear module: its weight packed for oneDNN} for the plain float linear layers of a CPU model, else {}
+    (not on CPU, no oneDNN, over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing
+    or disagrees). Quantized layers are left out, so a partly quantized model keeps its float ones packed."""
     if model in _packed_weights:
         return _packed_weights[model]
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear  # subclasses: quantized layers
-               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    linears = [m for m in model.modules() if _plain_float_linear(m)]
     packed = {}
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if linears and torch.backends.mkldnn.is_available() and size <= _PACKED_LINEARS_MAX_BYTES:
@@ -43,6 +43,13 @@ def packed_linear_weights(model) -> dict:
         packed = packed if agree else {}
     _packed_weights[model] = packed
     return packed
+
+
+def _plain_float_linear(module) -> bool:
+    """A float CPU ``nn.Linear`` on a plain weight. Not: a subclass (bitsandbytes' layers), nor a weight that
+    is a tensor subclass (torchao's quantized tensors keep the Linear and report its float dtype)."""
+    return (type(module) is torch.nn.Linear and type(module.weight) is torch.nn.Parameter
+            and module.weight.device.type == "cpu" and module.weight.dtype in (torch.float32, torch.bfloat16))
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

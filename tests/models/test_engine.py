@@ -187,6 +187,27 @@ def test_cpu_linears_run_on_packed_weights_only_inside_engine_calls(tiny_llama, 
     assert with_packing == without.generate(chats, settings)
 
 
+@pytest.mark.parametrize("quantization", ["int8-torchao", "int8-bnb"])
+def test_the_engine_packs_the_float_linears_of_a_quantized_model_and_not_the_quantized_ones(tiny_tokenizer,
+                                                                                             quantization):
+    from tiny import tiny_model
+
+    from metaspo_hf.models.packed import packed_linear_weights
+    from metaspo_hf.models.quantized import INT8_LIBRARIES, quantize_int8
+
+    pytest.importorskip(INT8_LIBRARIES[quantization])
+    model = tiny_model(tiny_tokenizer, seed=2)  # a fresh model: packing is remembered per model
+    if not packed_linear_weights(model):
+        pytest.skip("this torch build has no usable oneDNN packed linear kernel")
+    quantized = tiny_model(tiny_tokenizer, seed=2)
+    quantize_int8(quantized, quantization)
+    engine = HFEngine(quantized, tiny_tokenizer, "tiny", progress=False)
+    assert list(engine.packed) == [quantized.lm_head]  # the one float linear layer left
+    settings = GenerationSettings(max_new_tokens=4)
+    assert all(len(ids) == 4 for ids in engine.generate_ids([make_chat(SYSTEMS[0], q) for q in QUESTIONS[:3]],
+                                                            settings))
+
+
 def test_packing_is_skipped_for_models_over_the_size_bound(tiny_tokenizer, monkeypatch):
     from tiny import tiny_model
 

@@ -1,5 +1,6 @@
 """Model sources, role sharing, GGUF conversion cache, and the embedded default model."""
 
+import sys
 import time
 
 import pytest
@@ -31,6 +32,24 @@ def test_missing_local_model_is_a_clear_error(name):
 def test_quantization_without_cuda_is_refused(tiny_model_dir):
     with pytest.raises(MetaspoError, match="needs a CUDA GPU"):
         loading.load_model(ModelSpec(name_or_path=str(tiny_model_dir), quantization="4bit"))
+
+
+def test_int8_torchao_quantizes_on_cpu_through_the_recipes_model_section(tiny_model_dir):
+    pytest.importorskip("torchao")
+    spec = ModelSpec(name_or_path=str(tiny_model_dir), quantization="int8-torchao", dtype="bfloat16")
+    base, _ = load_engines(spec, None, progress=False)
+    layers = {name: type(m.weight).__name__ for name, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert layers.pop("lm_head") == "Parameter" and set(layers.values()) == {"Int8Tensor"}
+    assert list(base.packed) in ([], [base.model.lm_head])  # never a quantized layer
+    texts = base.generate([make_chat("Be brief.", "hi")], GenerationSettings(max_new_tokens=3))
+    assert len(texts) == 1
+
+
+def test_int8_quantization_without_its_library_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(MetaspoError, match="int8-bnb.* needs bitsandbytes") as raised:
+        loading.load_model(ModelSpec(name_or_path=str(tiny_model_dir), quantization="int8-bnb"))
+    assert raised.value.hint.startswith('pip install --no-deps "bitsandbytes==')
 
 
 def test_roles_share_one_model_when_the_recipe_names_the_same(tiny_model_dir):
