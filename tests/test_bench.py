@@ -110,6 +110,10 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     assert w2["ratio"]["generated_tokens"] == pytest.approx(
         w2["ours"]["generated_tokens"] / w2["reference"]["generated_tokens"], abs=1e-3)
     assert isinstance(w2["same_prompts_selected"], bool)
+    # Again at the CPU recipes' settings: their racing is off, so ours skips nothing by racing.
+    assert list(results["w2_at_recipes"]) == list(bench.W2_RECIPES)
+    for figures in results["w2_at_recipes"].values():
+        assert figures["settings"]["racing"] is False and figures["ours"]["racing_skipped"] == 0
 
     assert results["data_parallel"]["identical"] is True
     assert results["data_parallel"]["2_processes"]["processes"] == 2
@@ -207,7 +211,7 @@ def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_to
     fake_worker(tmp_path, monkeypatch, "import os, signal, sys\nprint('llama_decode: bad batch', file=sys.stderr, "
                 "flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     hf = w1.HFRuns(variants={}, prompts=w1.prompt_ids(tiny_tokenizer, w1.QUICK.build()), eos_ids=[])
-    figures = bench._llama_cpp(w1.QUICK, tmp_path / "model.gguf", hf, repeats=1)
+    figures = bench._llama_cpp(w1.QUICK, tmp_path / "model.gguf", hf, repeats=1, which=llama_cpp.PATHS)
     assert figures["skipped"] == "every llama.cpp path failed"
     failure = figures["paths"]["worker"]["failed"]
     assert "killed by SIGSEGV" in failure and "llama_decode: bad batch" in failure
@@ -225,11 +229,51 @@ def test_llama_cpp_paths_report_the_medians_of_the_workers_runs(tiny_tokenizer, 
     workload = w1.Workload(chats=2, new_tokens=3)
     batched = w1.Runs.of([([[7, 7, 7], [7, 7, 8]], w1.Timing(1.0, 0.5, 6))])
     hf = w1.HFRuns(variants={"batched": batched}, prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
-    figures = bench._llama_cpp(workload, tmp_path / "model.gguf", hf, repeats=3)
+    figures = bench._llama_cpp(workload, tmp_path / "model.gguf", hf, repeats=3, which=llama_cpp.PATHS)
     assert (figures["path"], figures["runs"], figures["wall_s"], figures["wall_s_min"], figures["wall_s_max"]) == (
         "batched_split", 3, 3.0, 2.0, 4.0)
     assert (figures["tok_s"], figures["prefill_s"], figures["rows_equal_to_batched"]) == (2.0, 0.75, 1)
     assert figures["paths"]["high_level"] == {"failed": "no"}
+
+
+def test_only_the_f32_file_on_w1_runs_the_one_chat_at_a_time_path(tiny_tokenizer, tmp_path, monkeypatch):
+    # A stand-in worker that runs the paths the job names, each generating token 7 throughout.
+    fake_worker(tmp_path, monkeypatch,
+                "import json, sys\njob = json.load(open(sys.argv[1]))\n"
+                "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
+                "runs = [{'wall_s': 1.0, 'prefill_s': 0.5, 'ids': ids}] * job['repeats']\n"
+                "json.dump({'version': 'fake', 'paths': {p: {'runs': runs} for p in job['paths']}}, "
+                "open(sys.argv[2], 'w'))\n")
+    workload = w1.Workload(chats=2, new_tokens=3)
+    runs = w1.Runs.of([([[7, 7, 7], [7, 7, 7]], w1.Timing(1.0, 0.5, 6))])
+    hf = w1.HFRuns(variants={"batched": runs, "engine": runs},
+                   prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
+    ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "Q8_0")}
+    on_w1 = bench._llama_cpp_variants(workload, ggufs, hf, repeats=1, every_path=True)
+    assert list(on_w1["llama_cpp_f32"]["paths"]) == ["batched_unified", "batched_split", "high_level"]
+    assert list(on_w1["llama_cpp_q8_0"]["paths"]) == ["batched_unified", "batched_split"]
+    elsewhere = bench._llama_cpp_variants(workload, ggufs, hf, repeats=1)
+    assert list(elsewhere["llama_cpp_f32"]["paths"]) == ["batched_unified", "batched_split"]
+
+
+def test_w2_at_a_recipe_takes_its_sizes_budgets_and_racing():
+    from metaspo_hf.bench import w2
+
+    cost = w2.RunCost().at_recipe("qwen2.5-coder-1.5b-cpu")
+    assert (cost.train_size, cost.system_candidates, cost.base_new_tokens, cost.optimizer_new_tokens) == (16, 3, 32, 256)
+    assert (cost.racing, cost.recipe, cost.tasks) == (False, "qwen2.5-coder-1.5b-cpu", w2.RunCost().tasks)
+    assert cost.budget(ours=True).racing is False and w2.RunCost().budget(ours=True).racing is True
+    assert w2.RunCost().budget(ours=False).racing is False
+    quick = w2.QUICK.at_recipe("smollm2-135m-cpu", sizes=False)
+    assert (quick.train_size, quick.racing) == (w2.QUICK.train_size, False)
+
+
+def test_the_figures_so_far_are_saved_after_each_workload(monkeypatch):
+    monkeypatch.setattr(bench, "generation", lambda model, tokenizer, ggufs, workload, *args, **kwargs: {})
+    saved = []
+    bench.collect(None, None, {}, quick=True, workloads=("w1", "w3"),
+                  save=lambda results: saved.append([key for key in results if key.startswith("w")]))
+    assert saved == [["w1"], ["w1", "w3"]]
 
 
 def test_runs_report_medians_of_each_figure_and_whether_the_ids_held():

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
 WORKLOADS = ("w1", "w2", "w3", "w4", "parallel")
 # Medians of 3: a single run on this machine swings by about 10%.
 REPEATS = 3
+# W2 again at the settings of the recipes users run on CPU: the embedded default and the validity recipe.
+W2_RECIPES = ("smollm2-135m-cpu", "qwen2.5-coder-1.5b-cpu")
 # The generation workloads: what each one is, and its full and quick sizes.
 GENERATION = {"w1": ("one scoring batch", w1.Workload(), w1.QUICK),
               "w3": ("decode-heavy, W1's chats", w1.W3, w1.W3_QUICK),
@@ -52,8 +55,14 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False, work
     spec = ModelSpec(name_or_path=name, dtype="float32")
     model, tokenizer = load_model(spec)
     ggufs = gguf_files(spec) if any(key in GENERATION for key in chosen) else {}
+    path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results: dict) -> None:  # after every workload: a full run takes over an hour, and a stop keeps the rest
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
     results = collect(model, tokenizer, ggufs, quick=quick, model_name=name, workloads=chosen, repeats=repeats,
-                      naive_runs=naive_runs, int8=int8)
+                      naive_runs=naive_runs, int8=int8, save=save)
     if loglik:
         results["loglik"] = _loglik(model, tokenizer, quick)
     if "parallel" in chosen:
@@ -62,9 +71,7 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False, work
         results["data_parallel"] = parallel.run(processes=2, model_name=name, quick=quick, repeats=repeats,
                                                  threads=w1.Workload().threads)
     print(format_tables(results))
-    path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    save(results)
     print(path)
     return results
 
@@ -94,9 +101,9 @@ def gguf_files(spec: ModelSpec) -> dict[str, Path | str]:
 
 def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False, model_name: str = "model",
             workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1,
-            int8: bool = True) -> dict:
+            int8: bool = True, save: Callable[[dict], None] | None = None) -> dict:
     """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict; ``ggufs`` as ``gguf_files``
-    gives them."""
+    gives them. ``save`` is called with the figures so far after each workload."""
     threads = w1.Workload().threads
     torch.set_num_threads(threads)
     results = {"model": model_name, "machine": machine(threads)}
@@ -105,7 +112,11 @@ def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False,
             from . import w2  # see the import of w1
 
             print("[bench] W2: one meta-training iteration, ours and the reference's way", file=sys.stderr, flush=True)
-            results["w2"] = _w2(model, tokenizer, w2.QUICK if quick else w2.RunCost())
+            cost = w2.QUICK if quick else w2.RunCost()
+            results["w2"] = _w2(model, tokenizer, cost)
+            # Racing is off in the CPU recipes, so W2's own setting is not what their users get.
+            results["w2_at_recipes"] = {name: _w2(model, tokenizer, cost.at_recipe(name, sizes=not quick))
+                                      for name in W2_RECIPES}
         elif key in GENERATION:
             _, full, small = GENERATION[key]
             workload = small if quick else full
@@ -113,18 +124,22 @@ def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False,
                   f"{repeats} run(s) each", file=sys.stderr, flush=True)
             if key == "w1":  # the only one with the naive, bfloat16 and int8 variants, and the issue's targets
                 results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, bf16=True,
-                                             int8=int8), "targets": TARGETS}
+                                             int8=int8, every_llama_path=True), "targets": TARGETS}
             else:
                 results[key] = generation(model, tokenizer, ggufs, workload, repeats)
+        if save:
+            save(results)
     return results
 
 
 def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Workload, repeats: int,
-               naive_runs: int | None = None, bf16: bool = False, int8: bool | None = None) -> dict:
+               naive_runs: int | None = None, bf16: bool = False, int8: bool | None = None,
+               every_llama_path: bool = False) -> dict:
     """One generation workload (W1, W3 or W4): each variant's medians, the ratios of their tok/s, the
     engine's token identity with batched ``generate``, and the matmul limit of a decode step.
     ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped; ``int8``: None
-    where it has no int8 variants, False to list them as skipped."""
+    where it has no int8 variants, False to list them as skipped; ``every_llama_path``: the F32 file also runs
+    llama.cpp's one-chat-at-a-time path (else only the batched ones run)."""
     hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16, bool(int8))
     limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
     batched_ids = hf.variants["batched"].ids
@@ -143,7 +158,7 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
         variants.update({name: {"skipped": "int8 variants turned off (--no-int8)"} for name in w1.INT8_VARIANTS})
     if naive_runs == 0:
         variants = {"naive": {"skipped": "naive runs set to 0"}, **variants}
-    variants.update(_llama_cpp_variants(workload, ggufs, hf, repeats))
+    variants.update(_llama_cpp_variants(workload, ggufs, hf, repeats, every_llama_path))
     identity = w1.identity(hf.variants["engine"].ids, batched_ids)
     return {
         "workload": {**w1.workload_info(workload, tokenizer, hf.prompts), "repeats": repeats,
@@ -156,7 +171,8 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     }
 
 
-def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf: w1.HFRuns, repeats: int) -> dict:
+def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf: w1.HFRuns, repeats: int,
+                        every_path: bool = False) -> dict:
     """One llama.cpp variant per GGUF format (``llama_cpp_<format>``, each its best path), then ``llama_cpp``:
     the fastest of them, naming its variant, format and path; only ``llama_cpp``, skipped, while llama.cpp
     cannot run."""
@@ -175,8 +191,9 @@ def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf:
         print(f"[bench] llama.cpp on {file}", file=sys.stderr, flush=True)
         # The F32 file holds the engine's float32 weights, so its tokens should be the engine's: a check of
         # the worker itself.
+        paths = llama_cpp.PATHS if every_path and fmt == "F32" else llama_cpp.BATCHED_PATHS
         variants[name] = {"format": fmt, "gguf": str(file),
-                          **_llama_cpp(workload, file, hf, repeats, against_engine=fmt == "F32")}
+                          **_llama_cpp(workload, file, hf, repeats, paths, against_engine=fmt == "F32")}
     ran = [name for name in variants if "tok_s" in variants[name]]
     if not ran:
         return {**variants, "llama_cpp": {"skipped": "no llama.cpp variant ran"}}
@@ -184,12 +201,14 @@ def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf:
     return {**variants, "llama_cpp": {"variant": best, **{k: v for k, v in variants[best].items() if k != "paths"}}}
 
 
-def _llama_cpp(workload: w1.Workload, gguf: Path, hf: w1.HFRuns, repeats: int, against_engine: bool = False) -> dict:
-    """The best llama.cpp path on one GGUF file (by tok/s) with every path's figures, or why none ran. With
-    ``against_engine``, each path's token identity with the (float32) engine's."""
+def _llama_cpp(workload: w1.Workload, gguf: Path, hf: w1.HFRuns, repeats: int, which: tuple[str, ...],
+               against_engine: bool = False) -> dict:
+    """The best llama.cpp path of ``which`` on one GGUF file (by tok/s) with every path's figures, or why none
+    ran. With ``against_engine``, each path's token identity with the (float32) engine's."""
     from . import llama_cpp  # see _llama_cpp_variants
 
-    measured = llama_cpp.measure(gguf, hf.prompts, workload.new_tokens, workload.threads, hf.eos_ids, repeats)
+    measured = llama_cpp.measure(gguf, hf.prompts, workload.new_tokens, workload.threads, hf.eos_ids, repeats,
+                                 which)
     paths = {}
     for path, figures in measured["paths"].items():
         if "failed" in figures:
@@ -277,6 +296,8 @@ def format_tables(results: dict) -> str:
             lines += [*generation_lines(key, results[key], results["model"]), ""]
     if "w2" in results:
         lines += [*_w2_lines(results["w2"]), ""]
+        for figures in results.get("w2_at_recipes", {}).values():
+            lines += [*_w2_lines(figures), ""]
     if "loglik" in results:
         from .loglik import lines as loglik_lines  # as w2: see the import of w1
 

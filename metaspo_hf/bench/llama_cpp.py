@@ -104,11 +104,18 @@ def skip_reason() -> str | None:
             "`make bench` builds it (or run `python -m metaspo_hf.bench.llama_cpp`)")
 
 
+# The worker's paths (llama_cpp_worker.py), fastest first as measured on W1.
+PATHS = ("batched_unified", "batched_split", "high_level")
+# The one-chat-at-a-time path takes 2-3x as long as the batched ones and is never the fastest; the
+# benchmark runs it only where it checks something (the F32 file's tokens on W1).
+BATCHED_PATHS = PATHS[:2]
+
+
 def measure(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, suppress: list[int],
-            repeats: int) -> dict:
+            repeats: int, paths: tuple[str, ...] = PATHS) -> dict:
     """The worker's results: {"version", "paths": {path: {"runs": [...]}}} (see llama_cpp_worker.py)."""
     job = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
-           "suppress": suppress, "repeats": repeats}
+           "suppress": suppress, "repeats": repeats, "paths": list(paths)}
     with tempfile.TemporaryDirectory(prefix="metaspo-bench-") as folder:
         job_path, out_path = Path(folder) / "job.json", Path(folder) / "out.json"
         job_path.write_text(json.dumps(job))

@@ -1,8 +1,8 @@
 """W1, W3 and W4 on llama-cpp-python, run by ``llama_cpp.py`` inside its own virtual environment.
 
 Standalone on purpose (only ``llama_cpp`` and ``numpy`` are importable there): reads a JSON job
-``{"gguf", "prompts" (token ids), "new_tokens", "threads", "suppress" (token ids never picked), "repeats"}``
-from the file named by argv[1] and writes ``{"version", "paths": {name: {...}}}`` to argv[2]; each path
+``{"gguf", "prompts" (token ids), "new_tokens", "threads", "suppress" (token ids never picked), "repeats",
+"paths" (which of the paths below to run)}`` from the file named by argv[1] and writes ``{"version", "paths": {name: {...}}}`` to argv[2]; each path
 has ``runs``, one ``{"wall_s", "prefill_s", "ids" (per prompt)}`` per timed run after a warm-up, or
 ``failed`` with the error.
 
@@ -167,7 +167,8 @@ def main(job_path: str, out_path: str) -> None:
              "batched_unified": lambda: batched(llm, job, unified=True),
              "batched_split": lambda: batched(llm, job, unified=False)}
     results = {"version": llama_cpp.__version__, "paths": {}}
-    for name, run in paths.items():
+    for name in job["paths"]:
+        run = paths[name]
         try:
             results["paths"][name] = run()
         except Exception as error:  # one path failing (e.g. an API this build lacks) leaves the others

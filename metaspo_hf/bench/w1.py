@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -165,8 +166,13 @@ def timed(model, run: Callable[[], list[list[int]]]) -> tuple[list[list[int]], T
     return ids, Timing(wall, prefill[0], sum(map(len, ids)))
 
 
-def repeated(model, run: Callable[[], list[list[int]]], times: int, settings: dict | None = None) -> Runs:
-    return Runs.of([timed(model, run) for _ in range(times)], settings)
+def repeated(model, name: str, run: Callable[[], list[list[int]]], times: int, settings: dict | None = None) -> Runs:
+    """``run`` timed ``times`` times as variant ``name``; its median is printed as it is known (a full
+    benchmark runs for over an hour)."""
+    runs = Runs.of([timed(model, run) for _ in range(times)], settings)
+    print(f"[bench]   {name}: median {statistics.median(t.wall_s for t in runs.timings):.2f} s over {times} run(s)",
+          file=sys.stderr, flush=True)
+    return runs
 
 
 def prompt_ids(tokenizer, chats: list[Chat]) -> list[list[int]]:
@@ -227,28 +233,30 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
         return [hf_generate(model, tokenizer, [p], n, eos_ids)[0] for p in prompts]
 
     hf_generate(model, tokenizer, prompts[:2], 2, eos_ids)  # warm-up, as in _warm_engine
-    variants = {"naive": repeated(model, one_by_one, naive_runs)} if naive_runs else {}
-    variants["batched"] = repeated(model, batched, repeats)
-    variants["engine"] = repeated(model, lambda: engine.generate_ids(chats, settings), repeats, engine_settings(engine))
+    variants = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
+    variants["batched"] = repeated(model, "batched", batched, repeats)
+    variants["engine"] = repeated(model, "engine", lambda: engine.generate_ids(chats, settings), repeats,
+                                  engine_settings(engine))
     if bf16:
-        variants["engine_bf16"] = _engine_on_copy(model, tokenizer, chats, settings, repeats, _to_bfloat16)
+        variants["engine_bf16"] = _engine_on_copy(model, tokenizer, "engine_bf16", chats, settings, repeats,
+                                                  _to_bfloat16)
     for name, quantization in INT8_VARIANTS.items() if int8 else ():
         try:
-            variants[name] = _engine_on_copy(model, tokenizer, chats, settings, repeats,
+            variants[name] = _engine_on_copy(model, tokenizer, name, chats, settings, repeats,
                                              partial(_quantized, quantization=quantization))
         except Exception as error:  # a missing library, or one that fails on this machine: never the benchmark
             variants[name] = _why(error)
     return HFRuns(variants, prompts, sorted(eos_ids))
 
 
-def _engine_on_copy(model, tokenizer, chats: list[Chat], settings: GenerationSettings, repeats: int,
+def _engine_on_copy(model, tokenizer, name: str, chats: list[Chat], settings: GenerationSettings, repeats: int,
                     convert: Callable[[torch.nn.Module], dict]) -> Runs:
     """The engine on a copy of ``model`` changed in place by ``convert`` (which returns settings to record):
     the float32 model stays as the other variants use it."""
     converted = copy.deepcopy(model)
     recorded = convert(converted)
     engine = _warm_engine(converted, tokenizer, chats)
-    return repeated(converted, lambda: engine.generate_ids(chats, settings), repeats,
+    return repeated(converted, name, lambda: engine.generate_ids(chats, settings), repeats,
                     {**engine_settings(engine), **recorded})
 
 

@@ -39,6 +39,7 @@ from ..models.base import LM, GenerationSettings
 from ..models.cache import CachedEngine
 from ..models.engine import HFEngine
 from ..models.loading import ModelSpec, load_model
+from ..recipe import load_recipe
 from ..search import SearchConfig, run_search
 from ..tasks.registry import load_task
 from . import print_and_write
@@ -53,18 +54,36 @@ class RunCost:
     user_candidates: int = 1
     top_k: int = 1
     train_size: int = 6
-    # The embedded recipe's base length.
+    # The embedded recipe's base length when W2 was written (the recipe now has 32: ``at_recipe``).
     base_new_tokens: int = 48
     # Half the recipe's 256: one-at-a-time optimizer calls would otherwise dominate the whole benchmark.
     optimizer_new_tokens: int = 128
     # The engine batch of the embedded recipe.
     batch_size: int = 32
     seed: int = 0
+    # Our way races candidates (the search's default); the CPU recipes turn it off (``at_recipe``).
+    racing: bool = True
+    # The recipe whose settings these are, if any (``at_recipe``).
+    recipe: str | None = None
 
-    def budget(self, racing: bool) -> SearchConfig:
+    def budget(self, ours: bool) -> SearchConfig:
         return SearchConfig(method="metaspo", iterations=1, system_candidates=self.system_candidates,
                             user_candidates=self.user_candidates, top_k=self.top_k, train_size=self.train_size,
-                            racing=racing)
+                            racing=ours and self.racing)
+
+    def at_recipe(self, name: str, sizes: bool = True) -> RunCost:
+        """These tasks, at a shipped recipe's search sizes, token budgets, batch, seed and racing: what a user
+        running that recipe gets (on the benchmark's model, whatever model the recipe names). With ``sizes``
+        off, only its racing (a smoke check keeps its own small sizes)."""
+        recipe = load_recipe(name)
+        search, generation = recipe.search, recipe.generation
+        if not sizes:
+            return replace(self, racing=search.racing, recipe=name)
+        return replace(self, system_candidates=search.system_candidates, user_candidates=search.user_candidates,
+                       top_k=search.top_k, train_size=search.train_size,
+                       base_new_tokens=generation.base.max_new_tokens,
+                       optimizer_new_tokens=generation.optimizer.max_new_tokens,
+                       batch_size=recipe.model.batch_size, seed=recipe.seed, racing=search.racing, recipe=name)
 
 
 QUICK = RunCost(tasks=("bigbench:navigate",), system_candidates=1, user_candidates=1, top_k=1, train_size=3,
@@ -112,9 +131,9 @@ def run_way(model, tokenizer, cost: RunCost, tasks, ours: bool, folder: Path) ->
     optimizer = LM(optimizer_front, optimizer_settings, role="optimizer")
     started = time.perf_counter()
     # Without dedupe the scorer generates every copy of identical chats, as the paper code does.
-    result = run_search("metaspo", tasks, base, optimizer, cost.budget(racing=ours), cost.seed, dedupe=ours)
+    result = run_search("metaspo", tasks, base, optimizer, cost.budget(ours), cost.seed, dedupe=ours)
     wall = time.perf_counter() - started
-    print(f"[bench] W2 {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations, "
+    print(f"[bench] W2{' at ' + cost.recipe if cost.recipe else ''} {'ours' if ours else 'reference'}: {wall:.1f} s, {base_engine.stats.prompts} base generations, "
           f"{base_engine.stats.generated_tokens} + {optimizer_engine.stats.generated_tokens} generated tokens",
           file=sys.stderr, flush=True)
     for front in (base_front, optimizer_front):
@@ -171,8 +190,10 @@ def lines(figures: dict) -> list[str]:
     if "skipped" in figures:
         return [f"W2: skipped: {figures['skipped']}"]
     s = figures["settings"]
-    out = [f"W2: one MetaSPO iteration on {', '.join(s['tasks'])} ({s['train_size']} questions each, "
-           f"{s['user_candidates']} user / {s['system_candidates']} system candidates, top-k {s['top_k']})",
+    where = f" at {s['recipe']}'s settings" if s.get("recipe") else ""
+    out = [f"W2{where}: one MetaSPO iteration on {', '.join(s['tasks'])} ({s['train_size']} questions each, "
+           f"{s['user_candidates']} user / {s['system_candidates']} system candidates, top-k {s['top_k']}, "
+           f"{s['base_new_tokens']}/{s['optimizer_new_tokens']} new tokens, racing {'on' if s['racing'] else 'off'})",
            f"{'way':<11}{'wall s':>9}{'base gens':>11}{'batches':>9}{'raced out':>11}{'optimizer calls':>17}"
            f"{'base tokens':>13}{'optimizer tokens':>18}{'all tokens':>12}{'cache hits':>12}"]
     for way in ("ours", "reference"):
@@ -197,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="JSON file for the figures")
     parser.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke check")
     parser.add_argument("--train-size", type=int, help="training questions per task (default: RunCost's)")
+    parser.add_argument("--recipe", help="a shipped recipe whose search sizes, token budgets and racing to use")
     args = parser.parse_args(argv)
     cost = QUICK if args.quick else RunCost()
+    if args.recipe:
+        cost = cost.at_recipe(args.recipe)
     if args.train_size:
         cost = replace(cost, train_size=args.train_size)
     torch.set_num_threads(2)  # as W1: the 2 cores of the reference machine
