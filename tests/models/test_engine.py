@@ -115,6 +115,15 @@ def test_stop_string_ends_generation_and_is_kept(tiny_llama, tiny_tokenizer):
     assert engine.stats.generated_tokens - before < before  # fewer decode steps than the full run
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does(tiny_llama, tiny_tokenizer, dtype):
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    logits = torch.randint(0, 3, (16, 500), generator=torch.Generator().manual_seed(0)).to(dtype)
+    picks = engine._pick(logits.clone(), GenerationSettings(), None)
+    assert torch.equal(picks, logits.argmax(dim=-1))
+    assert all(bool((row[:pick] < row[pick]).all()) for row, pick in zip(logits, picks.tolist(), strict=True))
+
+
 def test_max_new_tokens_is_respected(tiny_llama, tiny_tokenizer):
     engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
     short = engine.generate([make_chat(None, "hello")], GenerationSettings(max_new_tokens=5))[0]
