@@ -39,6 +39,23 @@ def fake_worker(tmp_path, monkeypatch, script: str) -> None:
     monkeypatch.setattr(llama_cpp, "_python", lambda root: Path(sys.executable))
     monkeypatch.setattr(llama_cpp, "skip_reason", lambda: None)
 
+def two_chats(tokenizer, ids: list[list[int]], *names: str) -> tuple[w1.Workload, w1.HFRuns]:
+    """A workload of 2 chats x 3 new tokens, and its HF variants ``names``, each one run that generated ``ids``."""
+    workload = w1.Workload(chats=2, new_tokens=3)
+    runs = w1.Runs.of([(ids, w1.Timing(1.0, 0.5, 6))])
+    return workload, w1.HFRuns(variants=dict.fromkeys(names, runs),
+                               prompts=w1.prompt_ids(tokenizer, workload.build()), eos_ids=[])
+
+
+def token_7_worker(runs: str, paths: str) -> str:
+    """A stand-in worker's script that generates token 7 throughout: ``runs`` and ``paths`` are Python
+    expressions for its timed runs and its paths' figures, with ``job`` and ``ids`` (per prompt) in scope."""
+    return ("import json, sys\njob = json.load(open(sys.argv[1]))\n"
+            "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
+            f"runs = {runs}\n"
+            f"json.dump({{'version': 'fake', 'paths': {paths}}}, open(sys.argv[2], 'w'))\n")
+
+
 def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer, tiny_model_dir, fake_bigbench,
                                                       tmp_path, monkeypatch, capsys):
     # The names bench.main calls (imported from models.loading).
@@ -220,15 +237,10 @@ def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_to
 
 def test_llama_cpp_paths_report_the_medians_of_the_workers_runs(tiny_tokenizer, tmp_path, monkeypatch):
     # A stand-in worker: every path generates token 7 throughout, in runs of 2, 4 and 3 seconds.
-    fake_worker(tmp_path, monkeypatch,
-                "import json, sys\njob = json.load(open(sys.argv[1]))\n"
-                "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
-                "runs = [{'wall_s': w, 'prefill_s': w / 4, 'ids': ids} for w in (2.0, 4.0, 3.0)[:job['repeats']]]\n"
-                "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}, "
-                "'high_level': {'failed': 'no'}}}, open(sys.argv[2], 'w'))\n")
-    workload = w1.Workload(chats=2, new_tokens=3)
-    batched = w1.Runs.of([([[7, 7, 7], [7, 7, 8]], w1.Timing(1.0, 0.5, 6))])
-    hf = w1.HFRuns(variants={"batched": batched}, prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
+    fake_worker(tmp_path, monkeypatch, token_7_worker(
+        runs="[{'wall_s': w, 'prefill_s': w / 4, 'ids': ids} for w in (2.0, 4.0, 3.0)[:job['repeats']]]",
+        paths="{'batched_split': {'runs': runs}, 'high_level': {'failed': 'no'}}"))
+    workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 7, 8]], "batched")
     figures = bench._llama_cpp(workload, tmp_path / "model.gguf", hf, repeats=3, which=llama_cpp.PATHS)
     assert (figures["path"], figures["runs"], figures["wall_s"], figures["wall_s_min"], figures["wall_s_max"]) == (
         "batched_split", 3, 3.0, 2.0, 4.0)
@@ -238,16 +250,10 @@ def test_llama_cpp_paths_report_the_medians_of_the_workers_runs(tiny_tokenizer, 
 
 def test_only_the_f32_file_on_w1_runs_the_one_chat_at_a_time_path(tiny_tokenizer, tmp_path, monkeypatch):
     # A stand-in worker that runs the paths the job names, each generating token 7 throughout.
-    fake_worker(tmp_path, monkeypatch,
-                "import json, sys\njob = json.load(open(sys.argv[1]))\n"
-                "ids = [[7] * job['new_tokens'] for _ in job['prompts']]\n"
-                "runs = [{'wall_s': 1.0, 'prefill_s': 0.5, 'ids': ids}] * job['repeats']\n"
-                "json.dump({'version': 'fake', 'paths': {p: {'runs': runs} for p in job['paths']}}, "
-                "open(sys.argv[2], 'w'))\n")
-    workload = w1.Workload(chats=2, new_tokens=3)
-    runs = w1.Runs.of([([[7, 7, 7], [7, 7, 7]], w1.Timing(1.0, 0.5, 6))])
-    hf = w1.HFRuns(variants={"batched": runs, "engine": runs},
-                   prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
+    fake_worker(tmp_path, monkeypatch, token_7_worker(
+        runs="[{'wall_s': 1.0, 'prefill_s': 0.5, 'ids': ids}] * job['repeats']",
+        paths="{p: {'runs': runs} for p in job['paths']}"))
+    workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 7, 7]], "batched", "engine")
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "Q8_0")}
     on_w1 = bench._llama_cpp_variants(workload, ggufs, hf, repeats=1, every_path=True)
     assert list(on_w1["llama_cpp_f32"]["paths"]) == ["batched_unified", "batched_split", "high_level"]
@@ -421,11 +427,8 @@ def format_variants(tiny_tokenizer, tmp_path, monkeypatch):
                 "json.dump({'version': 'fake', 'paths': {'batched_split': {'runs': runs}}}, open(sys.argv[2], 'w'))\n")
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "F16", "BF16", "Q8_0")}
     ggufs |= {"Q4_0": "no quantizer", "Q4_1": tmp_path / "packaged.gguf"}
-    workload = w1.Workload(chats=2, new_tokens=3)
-    engine = w1.Runs.of([([[7, 7, 7], [7, 8, 7]], w1.Timing(1.0, 0.5, 6))])
-    hf = w1.HFRuns(variants={"batched": engine, "engine": engine},
-                   prompts=w1.prompt_ids(tiny_tokenizer, workload.build()), eos_ids=[])
-    return bench._llama_cpp_variants(workload, ggufs, hf, repeats=1), engine
+    workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 8, 7]], "batched", "engine")
+    return bench._llama_cpp_variants(workload, ggufs, hf, repeats=1), hf.variants["engine"]
 
 
 def test_each_gguf_format_is_a_llama_cpp_variant_and_the_fastest_is_the_best(format_variants):
