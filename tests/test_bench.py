@@ -111,9 +111,10 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     for key, workload in (("w3", w1.W3_QUICK), ("w4", w4.QUICK)):
         section = results[key]
         assert (section["workload"]["chats"], section["workload"]["new_tokens"]) == (workload.chats, workload.new_tokens)
-        assert set(section["variants"]) == {"batched", "engine", "llama_cpp"}
-        assert set(section["ratios"]) == {"engine_over_batched", "engine_over_llama_cpp"}
-        for figures in (section["variants"]["batched"], section["variants"]["engine"]):
+        assert set(section["variants"]) == {"batched", "engine", "engine_bf16", "llama_cpp"}
+        assert set(section["ratios"]) == {"engine_over_batched", "engine_over_llama_cpp", "engine_bf16_over_batched",
+                                          "engine_bf16_over_engine", "engine_bf16_over_llama_cpp"}
+        for figures in (section["variants"][name] for name in ("batched", "engine", "engine_bf16")):
             assert figures["new_tokens"] == workload.chats * workload.new_tokens and figures["runs"] == 2
         assert section["variants"]["engine"]["decode_share_of_matmul_limit"] > 0
         assert section["engine_identical_to_batched"] is True
@@ -184,7 +185,7 @@ def test_int8_variants_without_their_libraries_are_skipped_with_the_reason(tiny_
     for library in quantized.INT8_LIBRARIES.values():
         monkeypatch.setitem(sys.modules, library, None)  # `import library` raises ImportError
     section = bench.generation(tiny_llama, tiny_tokenizer, {}, w1.Workload(chats=2, new_tokens=3), repeats=1,
-                               bf16=True, int8=True)
+                               int8=True)
     variants = section["variants"]
     assert list(variants)[:5] == ["batched", "engine", "engine_bf16", "engine_int8_torchao", "engine_int8_bnb"]
     for name, quantization in w1.INT8_VARIANTS.items():

@@ -34,6 +34,8 @@ TARGETS = {"engine_over_batched": 2.5, "engine_over_llama_cpp": 1.5}
 WORKLOADS = ("w1", "w2", "w3", "w4", "parallel")
 # Medians of 3: a single run on this machine swings by about 10%.
 REPEATS = 3
+# The llama.cpp formats W3 and W4 run: the ones a user picks for speed, each at a precision class of the engine's.
+ROUNDED_FORMATS = ("F16", "BF16", "Q8_0", "Q4_0")
 # W2 again at the settings of the recipes users run on CPU: the embedded default and the validity recipe.
 W2_RECIPES = ("smollm2-135m-cpu", "qwen2.5-coder-1.5b-cpu")
 # The generation workloads: what each one is, and its full and quick sizes.
@@ -122,25 +124,25 @@ def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False,
             workload = small if quick else full
             print(f"[bench] {key.upper()}: {workload.chats} chats x {workload.new_tokens} new tokens, "
                   f"{repeats} run(s) each", file=sys.stderr, flush=True)
-            if key == "w1":  # the only one with the naive, bfloat16 and int8 variants, and the issue's targets
-                results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, bf16=True,
-                                             int8=int8, every_llama_path=True), "targets": TARGETS}
-            else:
-                results[key] = generation(model, tokenizer, ggufs, workload, repeats)
+            if key == "w1":  # the only one with the naive and int8 variants, and the issue's targets
+                results[key] = {**generation(model, tokenizer, ggufs, workload, repeats, naive_runs, int8=int8,
+                                             every_llama_path=True), "targets": TARGETS}
+            else:  # W1 already checked the F32 file's tokens and timed the packaged one
+                results[key] = generation(model, tokenizer, {fmt: ggufs[fmt] for fmt in ROUNDED_FORMATS if fmt in ggufs},
+                                          workload, repeats)
         if save:
             save(results)
     return results
 
 
 def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Workload, repeats: int,
-               naive_runs: int | None = None, bf16: bool = False, int8: bool | None = None,
-               every_llama_path: bool = False) -> dict:
+               naive_runs: int | None = None, int8: bool | None = None, every_llama_path: bool = False) -> dict:
     """One generation workload (W1, W3 or W4): each variant's medians, the ratios of their tok/s, the
     engine's token identity with batched ``generate``, and the matmul limit of a decode step.
     ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped; ``int8``: None
     where it has no int8 variants, False to list them as skipped; ``every_llama_path``: the F32 file also runs
     llama.cpp's one-chat-at-a-time path (else only the batched ones run)."""
-    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16, bool(int8))
+    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8))
     limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
     batched_ids = hf.variants["batched"].ids
     variants = {}
@@ -239,8 +241,9 @@ def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
 # ones also against the bfloat16 engine (the issue keeps the faster of bfloat16 and int8 at equal scores).
 RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("engine", "llama_cpp_f32"),
           ("batched", "naive"), ("engine_bf16", "batched"), ("engine_bf16", "engine"),
-          ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"),
-          *((name, other) for name in w1.INT8_VARIANTS for other in ("batched", "engine_bf16", "llama_cpp_q8_0")))
+          ("engine_bf16", "llama_cpp"), ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"),
+          *((name, other) for name in w1.INT8_VARIANTS
+            for other in ("batched", "engine_bf16", "llama_cpp", "llama_cpp_q8_0")))
 
 
 def ratios(variants: dict) -> dict:
