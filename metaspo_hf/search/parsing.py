@@ -104,6 +104,9 @@ _USER_ECHOES_REQUEST = re.compile(
     r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
     re.IGNORECASE,
 )
+# A prompt that passes on the reply budget the optimizer was told: the assistant never sees it, and a 1.5B
+# optimizer turned it into orders such as "Do not provide a final answer before the token limit is reached".
+_MENTIONS_REPLY_LIMIT = re.compile(r"\btokens?\b|\b(?:reply|response|length) limit\b", re.IGNORECASE)
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
 _STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
 # How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
@@ -282,6 +285,9 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
         return "it was a reply to the request, not a prompt"
     if _is_garbled(prompt):
         return "it was repetitive or garbled"
+    if _MENTIONS_REPLY_LIMIT.search(prompt):
+        return ("it mentioned the reply's token limit, which the assistant is never told (ask for reasoning only "
+                "as long as the question needs instead)")
     return None
 
 

@@ -33,7 +33,8 @@ def _request(name: str, **fields: str) -> Chat:
 def _reply_limit(tokens: int) -> dict[str, str]:
     """The base model's reply budget, as the requests that show its failures state it: a small optimizer
     otherwise asks for long reasoning, which the limit cuts off before the answer."""
-    return {"reply_limit": str(tokens), "reply_words": str(max(1, round(tokens * 0.75)))}  # ~0.75 words/token
+    words = max(1, round(tokens * 0.75))  # ~0.75 words per token
+    return {"reply_limit": Template(template("reply_limit")).substitute(tokens=tokens, words=words)}
 
 
 def user_analysis(system_prompt: str, user_prompt: str, wrong: list[WrongExample], reply_limit: int) -> Chat:

@@ -416,7 +416,7 @@ def test_failure_requests_state_the_reply_limit_and_mark_answers_that_never_came
     # All but the system rewrite (which works from the analysis) show failures.
     assert len(failing) == len(requests) - 1 == 5
     for request in requests:
-        assert "limited to 24 tokens (about 18 words)" in request
+        assert "limited to 24 tokens (about 18 words)" in request and "must not mention it or tokens" in request
     for request in failing:
         blocks = request.split("## Wrong answer")[1:]
         cut = [b for b in blocks if "Let me think" in b]

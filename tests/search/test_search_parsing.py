@@ -236,6 +236,25 @@ def test_a_system_prompt_that_echoes_the_prompt_writing_request_is_refused():
     assert parsed.prompt is None and "talked about prompts" in parsed.reason
 
 
+@pytest.mark.parametrize(("kind", "prompt"), [
+    # The system prompts returned by the validity runs with the budget-aware meta-prompts (seeds 0 and 1):
+    ("system", "You are a helpful assistant. Reason only as much as the question needs. Keep the answer within "
+               "the 32-token limit. If the answer exceeds this limit, cut it off and count as wrong."),
+    ("system", "You are a helpful assistant. Understand the task and provide the best option from the given list "
+               "within the token limit. Do not provide a final answer before the token limit is reached."),
+    ("user", "Use as many tokens as needed to arrive at the correct answer.\n\n{question}"),
+    ("user", "Answer within the reply limit.\n\n{question}"),
+])
+def test_a_prompt_that_passes_on_the_reply_budget_is_refused(kind, prompt):
+    parsed = parse_prompt(f"<prompt>{prompt}</prompt>", kind, LIMIT)
+    assert parsed.prompt is None and "token limit" in parsed.reason
+
+
+def test_a_word_count_instruction_is_not_the_reply_budget():
+    prompt = "Think in at most two short sentences, then give the option letter in the answer tags."
+    assert parse_prompt(f"<prompt>{prompt}</prompt>", "system", LIMIT).prompt == prompt
+
+
 def test_instructions_to_the_assistant_that_say_please_are_fine():
     assert parse_prompt("<prompt>Please provide a clear and concise answer after checking your work.</prompt>",
                         "system", LIMIT).prompt
