@@ -104,7 +104,7 @@ def skip_reason() -> str | None:
             "`make bench` builds it (or run `python -m metaspo_hf.bench.llama_cpp`)")
 
 
-# The worker's paths (llama_cpp_worker.py); on W1 (2026-12-02) batched_split was the fastest for every format.
+# The worker's paths (llama_cpp_worker.py); which one is fastest is measured, per format (docs/benchmarks.md).
 PATHS = ("batched_unified", "batched_split", "high_level")
 # The one-chat-at-a-time path takes 2-3x as long as the batched ones and is never the fastest; the
 # benchmark runs it only where it checks something (the F32 file's tokens on W1).
