@@ -140,6 +140,7 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
         reason = (reject_reason(prompt, max_chars)
                   or ("it was cut off mid-sentence (it reached the length limit); write a shorter prompt"
                       if unfinished else None)
+                  or _budget_reason(prompt)
                   or _quoted_reason(prompt, shown, ignore)
                   or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
         if reason is None:
@@ -285,6 +286,11 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
         return "it was a reply to the request, not a prompt"
     if _is_garbled(prompt):
         return "it was repetitive or garbled"
+    return None
+
+
+def _budget_reason(prompt: str) -> str | None:
+    """Prompts only: an analysis may (and should) talk about the reply budget it was told."""
     if _MENTIONS_REPLY_LIMIT.search(prompt):
         return ("it mentioned the reply's token limit, which the assistant is never told (ask for reasoning only "
                 "as long as the question needs instead)")

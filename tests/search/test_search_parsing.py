@@ -250,6 +250,11 @@ def test_a_prompt_that_passes_on_the_reply_budget_is_refused(kind, prompt):
     assert parsed.prompt is None and "token limit" in parsed.reason
 
 
+def test_an_analysis_may_talk_about_the_reply_budget():
+    analysis = "Most failures were cut off by the 32-token limit before the answer tag."
+    assert parse_analysis(f"<analysis>{analysis}</analysis>", LIMIT) == analysis
+
+
 def test_a_word_count_instruction_is_not_the_reply_budget():
     prompt = "Think in at most two short sentences, then give the option letter in the answer tags."
     assert parse_prompt(f"<prompt>{prompt}</prompt>", "system", LIMIT).prompt == prompt
