@@ -275,6 +275,16 @@ def test_w2_at_a_recipe_takes_its_sizes_budgets_and_racing():
     assert (quick.train_size, quick.racing) == (w2.QUICK.train_size, False)
 
 
+def test_w2_at_an_unknown_recipe_is_a_one_line_error(capsys):
+    from metaspo_hf.bench import w2
+
+    with pytest.raises(SystemExit) as stopped:
+        w2.main(["--recipe", "smollm2-135m-cpuu"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "recipe not found: smollm2-135m-cpuu" in error and "Traceback" not in error
+
+
 def test_the_figures_so_far_are_saved_after_each_workload(monkeypatch):
     monkeypatch.setattr(bench, "generation", lambda model, tokenizer, ggufs, workload, *args, **kwargs: {})
     saved = []

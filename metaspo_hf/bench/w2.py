@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MetaspoError
 from ..models.base import LM, GenerationSettings
 from ..models.cache import CachedEngine
 from ..models.engine import HFEngine
@@ -222,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cost = QUICK if args.quick else RunCost()
     if args.recipe:
-        cost = cost.at_recipe(args.recipe)
+        try:
+            cost = cost.at_recipe(args.recipe)
+        except MetaspoError as error:  # checked before the model loads
+            parser.error(error.one_line())
     if args.train_size:
         cost = replace(cost, train_size=args.train_size)
     torch.set_num_threads(2)  # as W1: the 2 cores of the reference machine
