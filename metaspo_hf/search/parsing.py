@@ -19,6 +19,7 @@ policy (see docs/method.md):
   the problem in the given input/output pairs. {question}", "that line is appended automatically"): the
   scored model would read our instructions to the optimizer as its task; nor may it keep placeholders
   other than the slot (``{premise}``): the question is inserted whole, and the rest would stay literal;
+  nor may it be a bare slot with a word or two ("and {question}"): that instructs nobody;
 - a prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words): a
   system prompt must be general, and small optimizers paste a failed question into system and user
   prompts verbatim; for a user prompt, wording that the task's questions share (its instructions)
@@ -109,6 +110,9 @@ _USER_ECHOES_REQUEST = re.compile(
 _MENTIONS_REPLY_LIMIT = re.compile(r"\btokens?\b|\b(?:reply|response|length) limit\b", re.IGNORECASE)
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
 _STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
+# Words a user prompt needs besides the slot to instruct anyone ("Solve carefully:"); the 1.5B optimizer
+# once left "and\n\n{question}" as a whole prompt (validity run, seed 2).
+MIN_USER_PROMPT_WORDS = 2
 # How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
 _FINISHED = re.compile(r"""(?:[.!?:;)\]}"'\u2019\u201d\u2026*`>]|\{question\})\s*\Z""")
 # A prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
@@ -167,6 +171,9 @@ def _user_address_reason(prompt: str) -> str | None:
 
 
 def _user_prompt_reason(prompt: str) -> str | None:
+    if len(re.findall(r"[A-Za-z]+", prompt.replace(QUESTION_SLOT, ""))) < MIN_USER_PROMPT_WORDS:
+        return (f"it held no instruction besides {QUESTION_SLOT} (say what the assistant should do with the "
+                "question)")
     if _USER_ECHOES_REQUEST.search(prompt):
         return ("it repeated the request for a prompt instead of telling the assistant how to do the task "
                 "(write the task instruction itself)")

@@ -305,6 +305,14 @@ def test_a_user_prompt_with_placeholders_that_nothing_fills_is_refused():
     assert parsed.prompt is None and "{premise}, {hypothesis}" in parsed.reason
 
 
+@pytest.mark.parametrize("reply", ["<prompt>and\n\n{question}</prompt>", "<prompt>{question}</prompt>",
+                                   "<prompt>Q: {question}</prompt>"])
+def test_a_user_prompt_with_no_instruction_besides_the_slot_is_refused(reply):
+    # The first was written for reasoning_about_colored_objects in the validity run (seed 2) and scored.
+    parsed = parse_prompt(reply, "user", LIMIT)
+    assert parsed.prompt is None and "no instruction" in parsed.reason
+
+
 @pytest.mark.parametrize("prompt", [
     "Identify the relation between the premise and the hypothesis: entailment or non-entailment.\n\n{question}\n\nRelation:",
     "Count the objects in the list, then write the total.\n\n{question}",
