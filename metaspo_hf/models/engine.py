@@ -9,7 +9,9 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    group fills whole chunks of its own, and the rows left over from all groups are pooled.
 4. A chunk of one group keeps its prefix once: the cache holds only each row's own tokens
    (``[pads][suffix][generated]``), and attention (``prefix.py``) scores all rows'
-   queries against the single prefix copy in one matmul, then against each row's own keys. A mixed
+   queries against the single prefix copy in one matmul, then against each row's own keys (in bfloat16
+   and float16 a decode step reads the whole own-token buffer, the unwritten slots masked: a strided
+   view would be copied). A mixed
    chunk lays each row out as ``[pads][its group's prefix][pads][suffix]`` and uses the model's own
    attention. Either way positions come from the real tokens' count, exactly as ``generate`` computes
    them for left padding, so every real token sees the same keys at the same positions as in
@@ -82,6 +84,9 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         # Step 7 of the module doc; {} where it does not apply (e.g. on a GPU).
         self.packed = packed_linear_weights(model) if packed_linears else {}
+        # Shared-prefix decode steps read whole own-token buffers where a strided view of them would be
+        # copied at every step (bfloat16 and float16 on CPU: prefix.BufferLayer); float32 reads views in place.
+        self.whole_buffers = model.dtype != torch.float32
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, chat: Chat) -> str:
@@ -184,14 +189,15 @@ class HFEngine:
             return None
         return prefix
 
-    def _chunk_cache(self, chunk: list[Row], width: int, capacity: int, shared: Prefix | None) -> DynamicCache:
+    def _chunk_cache(self, chunk: list[Row], width: int, capacity: int, shared: Prefix | None,
+                     whole: bool) -> DynamicCache:
         """A cache of ``capacity`` slots per row. With a ``shared`` prefix it holds only the rows' own tokens;
         otherwise its first ``width`` slots hold each row's group prefix, right-aligned (the slots left of a
         shorter prefix are masked out, but must hold finite numbers)."""
         cache = DynamicCache(config=self.model.config)
         template = None if shared is not None else next((r.prefix.kv for r in chunk if r.prefix.kv), None)
         if template is None:
-            cache.layers = [BufferLayer(None, None, 0, capacity) for _ in cache.layers]
+            cache.layers = [BufferLayer(None, None, 0, capacity, whole=whole) for _ in cache.layers]
             return cache
         layers = []
         for layer_index, (k0, v0) in enumerate(template):
@@ -230,7 +236,8 @@ class HFEngine:
         # Positions count real tokens only (the prefix's included), as generate does for left padding.
         offset = prefix_width if shared is not None else 0
         positions = (valid[:, :end].cumsum(-1) - 1 + offset).clamp(min=0)[:, first_slot:]
-        cache = self._chunk_cache(chunk, prefix_width, capacity, shared)
+        whole = shared is not None and self.whole_buffers
+        cache = self._chunk_cache(chunk, prefix_width, capacity, shared, whole)
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
 
         generators = None
@@ -243,9 +250,11 @@ class HFEngine:
         def attention_mask(queries: int) -> torch.Tensor:
             if shared is None:  # the model builds the mask its attention implementation expects
                 return valid[:, :end]
-            # Ours: [batch, 1, queries, own slots], query i sitting in slot end - queries + i.
-            causal = torch.ones((queries, end), dtype=torch.bool, device=device).tril(diagonal=end - queries)
-            return valid[:, None, None, :end] & causal
+            # Ours: [batch, 1, queries, own slots], query i sitting in slot end - queries + i; with whole
+            # buffers a decode step reads every slot, the unwritten ones masked.
+            slots = capacity if whole and queries == 1 else end
+            causal = torch.ones((queries, slots), dtype=torch.bool, device=device).tril(diagonal=end - queries)
+            return valid[:, None, None, :slots] & causal
 
         with attending_to(self.model, shared):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,

@@ -56,9 +56,11 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
 
     Copying the prefix into every row (what a batched cache holds) makes each decode step read it once per
     row; here its scores come from one matmul of all rows' queries against it. ``attention_mask`` covers
-    the row's own tokens only ([batch, 1, queries, own], True = attend); the prefix is visible to all.
+    the row's own tokens only ([batch, 1, queries, own slots], True = attend); the prefix is visible to all.
     """
     prefix_keys, prefix_values = _shared_prefix_kv.get()[module.layer_idx]
+    # A whole-buffer layer hands over all its slots; the mask's width says how many are read (see BufferLayer).
+    key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     batch, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads * queries  # query vectors per key head and row (heads grouped as repeat_kv does)
@@ -109,19 +111,29 @@ def common_prefix_len(sequences: list[list[int]]) -> int:
 
 class BufferLayer(DynamicLayer):
     """One layer's keys and values in buffers allocated once per chunk: a decode step writes its token
-    in place, where the default layer concatenates (copying the whole cache at every step)."""
+    in place, where the default layer concatenates (copying the whole cache at every step).
 
-    def __init__(self, keys, values, length: int, capacity: int):
+    ``whole=True`` (for ``_shared_prefix_attention`` only): ``update`` returns the whole buffers, zeroed
+    when allocated, and the attention mask covers every slot, the unwritten ones masked. On CPU a bfloat16
+    matmul copies a strided view (the first ``length`` slots) in every layer at every step; a float32 one
+    reads it in place, and there the extra slots only cost (figures: docs/benchmarks.md, W3).
+    """
+
+    def __init__(self, keys, values, length: int, capacity: int, whole: bool = False):
         super().__init__()
         self.buffers = (keys, values)
         self.length = length
         self.capacity = capacity
+        self.whole = whole
         if keys is not None:
             self._set_views()
 
     def lazy_initialization(self, key_states, value_states) -> None:
         shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[3])
-        self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+        # Masked slots get probability 0, and 0 times leftover memory can be NaN: whole buffers start at 0.
+        allocate = torch.zeros if self.whole else torch.empty
+        self.buffers = tuple(allocate(shape, dtype=states.dtype, device=states.device)
+                             for states in (key_states, value_states))
         self._set_views()
 
     def _set_views(self) -> None:
@@ -139,7 +151,7 @@ class BufferLayer(DynamicLayer):
         values[:, :, self.length:end] = value_states
         self.length = end
         self._set_views()
-        return self.keys, self.values
+        return self.buffers if self.whole else (self.keys, self.values)
 
     def get_seq_length(self) -> int:
         return self.length

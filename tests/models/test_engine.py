@@ -1,5 +1,6 @@
 """The generation engine on tiny random-weight models: identity with plain `generate`, stops, sampling."""
 
+import copy
 import inspect
 
 import pytest
@@ -90,6 +91,36 @@ def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenize
     assert called and sorted(set(called)) == list(range(layers)), "the shared-prefix attention was not called"
     assert len(called) >= layers * 5 and len(called) % layers == 0
     assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 5)
+
+
+def test_decode_steps_on_whole_buffers_are_token_identical_and_read_every_slot(tiny_llama, tiny_tokenizer):
+    """Whole-buffer reads (on by default outside float32) forced on in float32: the unwritten slots are
+    masked and zero, so the tokens are plain generate's; each decode step sees all the chunk's slots."""
+    from transformers import AttentionInterface
+
+    from metaspo_hf.models import prefix as prefix_module
+
+    widths = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        widths.append((query.shape[2], key.shape[2], attention_mask.shape[-1]))
+        return prefix_module._shared_prefix_attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    assert not engine.whole_buffers  # float32's default
+    engine.whole_buffers = True
+    chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:4]]
+    AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, spy)
+    try:
+        got = engine.generate(chats, GenerationSettings(max_new_tokens=6))
+    finally:
+        AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, prefix_module._shared_prefix_attention)
+    assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 6)
+    prefill, *decode = [w for i, w in enumerate(widths) if i % tiny_llama.config.num_hidden_layers == 0]
+    capacity = prefill[0] + 6  # the rows' own tokens, then room for every new one
+    assert prefill == (prefill[0], capacity, prefill[0]) and decode
+    assert all(step == (1, capacity, capacity) for step in decode)
+    assert HFEngine(copy.deepcopy(tiny_llama).to(torch.bfloat16), tiny_tokenizer, "tiny", progress=False).whole_buffers
 
 
 def test_other_architecture_without_prefix_reuse_still_matches(tiny_tokenizer):
