@@ -136,7 +136,13 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     assert results["data_parallel"]["identical"] is True
     assert results["data_parallel"]["2_processes"]["processes"] == 2
 
+    # Each generation workload carries its own acceptance targets, and its table says whether each is met
+    # (n/a here: llama.cpp was skipped).
+    assert [results[key]["targets"] for key in ("w1", "w3", "w4")] == [bench.TARGETS[key] for key in ("w1", "w3", "w4")]
     printed = capsys.readouterr().out
+    assert len(re.findall(r"\(target >= [\d.]+: (?:met|NOT met|n/a)\)$", printed, re.M)) == sum(
+        len(bench.TARGETS[key]) for key in ("w1", "w3", "w4"))
+    assert re.search(r"^engine over batched: [\d.]+ \(target >= 1.2: (?:met|NOT met)\)$", printed, re.M)
     assert all(f"{key}:" in printed for key in ("W1", "W2", "W3", "W4", "Data parallel"))
     assert re.search(r"^llama_cpp +skipped: ", printed, re.M) and "matmul limit" in printed
     assert re.search(r"^engine_bf16 .*rows equal to batched: \d+/8$", printed, re.M)
