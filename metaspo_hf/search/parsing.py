@@ -26,6 +26,8 @@ policy (see docs/method.md):
   may be quoted (``ignore``);
 - a reply that answers us ("Understood. Please provide the task...") is not a prompt, and neither is
   a system prompt that speaks to the user ("I am a helpful assistant. Please provide a task...");
+- a sentence of a prompt that mentions the reply's token limit (which only the optimizer is told) is
+  dropped, and the rest kept when at least ``MIN_WORDS_WITHOUT_BUDGET`` words remain (else refused);
 - a reply that opens a prompt tag and stops mid-sentence without closing it was cut off by the token
   limit, and its prompt is incomplete (a closed tag, or a final full stop, says the writer finished).
 
@@ -105,9 +107,12 @@ _USER_ECHOES_REQUEST = re.compile(
     r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
     re.IGNORECASE,
 )
-# A prompt that passes on the reply budget the optimizer was told: the assistant never sees it, and a 1.5B
+# A sentence that passes on the reply budget the optimizer was told: the assistant never sees it, and a 1.5B
 # optimizer turned it into orders such as "Do not provide a final answer before the token limit is reached".
-_MENTIONS_REPLY_LIMIT = re.compile(r"\btokens?\b|\b(?:reply|response|length) limit\b", re.IGNORECASE)
+_MENTIONS_REPLY_LIMIT = re.compile(r"\btokens?\b|\b(?:reply|response|length|this|that|the) limit\b", re.IGNORECASE)
+# What must be left of a prompt once its budget sentences are dropped ("You are a helpful assistant." is not).
+MIN_WORDS_WITHOUT_BUDGET = 6
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
 _STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
 # Words a user prompt needs besides the slot to instruct anyone ("Solve carefully:"); the 1.5B optimizer
@@ -143,10 +148,12 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
         unfinished = position == 0 and cut_off and not _FINISHED.search(cleaned)
         reason = (reject_reason(prompt, max_chars)
                   or ("it was cut off mid-sentence (it reached the length limit); write a shorter prompt"
-                      if unfinished else None)
-                  or _budget_reason(prompt)
-                  or _quoted_reason(prompt, shown, ignore)
-                  or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
+                      if unfinished else None))
+        if reason is None:
+            prompt = _without_budget_sentences(prompt)
+            reason = _BUDGET_REASON if prompt is None else (
+                _quoted_reason(prompt, shown, ignore)
+                or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
         if reason is None:
             return Parsed(prompt)
         reasons.append(reason)
@@ -296,12 +303,21 @@ def reject_reason(prompt: str, max_chars: int) -> str | None:
     return None
 
 
-def _budget_reason(prompt: str) -> str | None:
-    """Prompts only: an analysis may (and should) talk about the reply budget it was told."""
-    if _MENTIONS_REPLY_LIMIT.search(prompt):
-        return ("it mentioned the reply's token limit, which the assistant is never told (ask for reasoning only "
-                "as long as the question needs instead)")
-    return None
+_BUDGET_REASON = ("it was about the reply's token limit, which the assistant is never told (ask for reasoning only "
+                  "as long as the question needs instead)")
+
+
+def _without_budget_sentences(prompt: str) -> str | None:
+    """Prompts only (an analysis may, and should, talk about the budget it was told): the prompt without its
+    sentences that mention the reply limit (repair, as for the slot: the rest is often a usable instruction),
+    or None when too little is left besides the slot."""
+    if not _MENTIONS_REPLY_LIMIT.search(prompt):
+        return prompt
+    lines = [" ".join(sentence for sentence in _SENTENCE_END.split(line) if not _MENTIONS_REPLY_LIMIT.search(sentence))
+             for line in prompt.splitlines()]
+    kept = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in lines)).strip()
+    words = re.findall(r"[A-Za-z]+", kept.replace(QUESTION_SLOT, ""))
+    return kept if len(words) >= MIN_WORDS_WITHOUT_BUDGET else None
 
 
 def _quoted_reason(prompt: str, shown: Sequence[str], ignore: frozenset[tuple[str, ...]]) -> str | None:

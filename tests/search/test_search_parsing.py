@@ -237,17 +237,34 @@ def test_a_system_prompt_that_echoes_the_prompt_writing_request_is_refused():
 
 
 @pytest.mark.parametrize(("kind", "prompt"), [
-    # The system prompts returned by the validity runs with the budget-aware meta-prompts (seeds 0 and 1):
-    ("system", "You are a helpful assistant. Reason only as much as the question needs. Keep the answer within "
-               "the 32-token limit. If the answer exceeds this limit, cut it off and count as wrong."),
+    # The system prompt returned by the validity run with the budget-aware meta-prompts, seed 1:
     ("system", "You are a helpful assistant. Understand the task and provide the best option from the given list "
                "within the token limit. Do not provide a final answer before the token limit is reached."),
     ("user", "Use as many tokens as needed to arrive at the correct answer.\n\n{question}"),
     ("user", "Answer within the reply limit.\n\n{question}"),
 ])
-def test_a_prompt_that_passes_on_the_reply_budget_is_refused(kind, prompt):
+def test_a_prompt_that_is_all_about_the_reply_budget_is_refused(kind, prompt):
+    # What is left without the budget sentences ("You are a helpful assistant." at most) is too little.
     parsed = parse_prompt(f"<prompt>{prompt}</prompt>", kind, LIMIT)
     assert parsed.prompt is None and "token limit" in parsed.reason
+
+
+@pytest.mark.parametrize(("kind", "prompt", "kept"), [
+    # Returned by the reasoning validity run with the budget-aware meta-prompts, seed 0 (shortened):
+    ("system", "You are a helpful assistant. Reason only as much as the question needs. Keep the answer within "
+               "the 32-token limit. If the answer exceeds this limit, cut it off and count as wrong.",
+     "You are a helpful assistant. Reason only as much as the question needs."),
+    # Written in the knowledge validity run (seed 0); refused whole before this repair:
+    ("system", "You are a helpful assistant. Approach any request by first understanding the task and the context. "
+               "Consider the limitations on the number of tokens and ensure that your response is concise. "
+               "Give one final answer.",
+     "You are a helpful assistant. Approach any request by first understanding the task and the context. "
+     "Give one final answer."),
+    ("user", "Decide whether the claim is true or false.\nKeep the reply under 32 tokens!\n\n{question}",
+     "Decide whether the claim is true or false.\n\n{question}"),
+])
+def test_the_sentences_about_the_reply_budget_are_dropped_and_the_rest_kept(kind, prompt, kept):
+    assert parse_prompt(f"<prompt>{prompt}</prompt>", kind, LIMIT).prompt == kept
 
 
 def test_an_analysis_may_talk_about_the_reply_budget():
