@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -62,30 +63,36 @@ def test_prefix_reuse_shares_the_system_prompt(tiny_llama, tiny_tokenizer):
     assert reused.stats.prefill_tokens < plain.stats.prefill_tokens
 
 
+@contextmanager
+def spying_on_shared_prefix_attention(record):
+    """Within the block, every call of the engine's shared-prefix attention is first passed to ``record``."""
+    from transformers import AttentionInterface
+
+    from metaspo_hf.models import prefix as prefix_module
+
+    def spy(module, *args, **kwargs):
+        record(module, *args, **kwargs)
+        return prefix_module._shared_prefix_attention(module, *args, **kwargs)
+
+    AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, spy)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, prefix_module._shared_prefix_attention)
+
+
 def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenizer):
     """The engine relies on transformers internals (attention picked through config._attn_implementation,
     plain DynamicLayer caches, the forward's cache argument). Should an upgrade change them, the engine
     could quietly fall back to copying the prefix into every row (slower) or mix up masks (different
     tokens); this fails instead."""
-    from transformers import AttentionInterface
-
-    from metaspo_hf.models import prefix as prefix_module
-
     called = []
-
-    def spy(module, *args, **kwargs):
-        called.append(module.layer_idx)
-        return prefix_module._shared_prefix_attention(module, *args, **kwargs)
-
     engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
     assert engine.prefix_reuse, "prefix reuse is off: the cache layers are no longer plain DynamicLayers"
     assert engine._cache_arg in inspect.signature(tiny_llama.forward).parameters
     chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:4]]
-    AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, spy)
-    try:
+    with spying_on_shared_prefix_attention(lambda module, *args, **kwargs: called.append(module.layer_idx)):
         got = engine.generate(chats, GenerationSettings(max_new_tokens=5))
-    finally:
-        AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, prefix_module._shared_prefix_attention)
     layers = tiny_llama.config.num_hidden_layers
     # Every layer of every forward pass of the chunk: the first (prefill of the rows' own tokens) and each step.
     assert called and sorted(set(called)) == list(range(layers)), "the shared-prefix attention was not called"
@@ -96,25 +103,17 @@ def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenize
 def test_decode_steps_on_whole_buffers_are_token_identical_and_read_every_slot(tiny_llama, tiny_tokenizer):
     """Whole-buffer reads (on by default outside float32) forced on in float32: the unwritten slots are
     masked and zero, so the tokens are plain generate's; each decode step sees all the chunk's slots."""
-    from transformers import AttentionInterface
-
-    from metaspo_hf.models import prefix as prefix_module
-
     widths = []
 
-    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+    def record(module, query, key, value, attention_mask, *args, **kwargs):
         widths.append((query.shape[2], key.shape[2], attention_mask.shape[-1]))
-        return prefix_module._shared_prefix_attention(module, query, key, value, attention_mask, *args, **kwargs)
 
     engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
     assert not engine.whole_buffers  # float32's default
     engine.whole_buffers = True
     chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:4]]
-    AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, spy)
-    try:
+    with spying_on_shared_prefix_attention(record):
         got = engine.generate(chats, GenerationSettings(max_new_tokens=6))
-    finally:
-        AttentionInterface.register(prefix_module._SHARED_PREFIX_ATTENTION, prefix_module._shared_prefix_attention)
     assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 6)
     prefill, *decode = [w for i, w in enumerate(widths) if i % tiny_llama.config.num_hidden_layers == 0]
     capacity = prefill[0] + 6  # the rows' own tokens, then room for every new one
