@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MetaspoError
+from ..errors import MetaspoError, did_you_mean
 from .registry import get_method
+
+
+SYSTEM_EDITS = ("rewrite", "add")
 
 
 @dataclass
@@ -41,6 +44,9 @@ class SearchConfig:
     max_prompt_chars: int = 4000
     # The paper starts the search from the default assistant prompt.
     initial_system_prompt: str = "You are a helpful assistant."
+    # How an outer step changes the system prompt: "rewrite" it whole (the paper's method), or "add" one
+    # instruction to it (a 1.5B optimizer's whole rewrites were mostly unusable: docs/results.md).
+    system_edit: str = "rewrite"
     # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
     sprig_max_components: int = 12
     # Exact racing (not in the paper code): stop scoring a candidate once it provably can no longer be
@@ -86,6 +92,9 @@ class SearchConfig:
         if isinstance(self.guard_margin, bool) or not isinstance(self.guard_margin, (int, float)) \
                 or not 0 <= self.guard_margin < 1:
             raise MetaspoError(f"search.guard_margin must be a number in [0, 1), got {self.guard_margin!r}")
+        if self.system_edit not in SYSTEM_EDITS:
+            raise MetaspoError(f"search.system_edit must be one of {', '.join(SYSTEM_EDITS)}, got {self.system_edit!r}",
+                               hint=did_you_mean(str(self.system_edit), SYSTEM_EDITS))
         if not isinstance(self.initial_system_prompt, str):
             raise MetaspoError(
                 f"search.initial_system_prompt must be a string, got {self.initial_system_prompt!r}"

@@ -69,9 +69,10 @@ def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]], r
     )
 
 
-def system_rewrite(system_prompt: str, analysis: str, reply_limit: int) -> Chat:
+def system_rewrite(system_prompt: str, analysis: str, reply_limit: int, edit: str = "rewrite") -> Chat:
+    """The request for a new system prompt ("rewrite") or for one instruction to append to it ("add")."""
     return _request(
-        "system_rewrite",
+        "system_rewrite" if edit == "rewrite" else "system_add",
         **_reply_limit(reply_limit),
         system_prompt=_or_none(system_prompt),
         analysis=analysis or "(no analysis available)",

@@ -55,9 +55,14 @@ def rewrite_system_prompts(
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
     analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit) for failures in failure_sets]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
-    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis, ctx.reply_limit) for analysis in analyses]
+    edit = ctx.config.system_edit
+    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis, ctx.reply_limit, edit) for analysis in analyses]
     shown = [[w.question for _, w in failures] for failures in failure_sets]
-    return ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
+    written = ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
+    if edit == "rewrite":
+        return written
+    # "add": the reply is one instruction, parsed like a prompt, appended to the current system prompt.
+    return [None if added is None else f"{state.system_prompt} {added}".strip() for added in written]
 
 
 def gather_failures(

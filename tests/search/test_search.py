@@ -121,6 +121,33 @@ def test_the_best_system_candidate_is_adopted_only_when_it_beats_the_incumbent(r
         assert parent["system_prompt"] == "You are a helpful assistant."
 
 
+def test_the_add_edit_appends_one_instruction_to_the_current_system_prompt():
+    def instruction(h):
+        return "Give the final answer first." if h % 2 else "Answer in one word, then stop."
+
+    def correct(system, user):  # only the prompt with the first instruction added helps
+        return "final answer first" in system or half_right(system, user)
+
+    optimizer = optimizer_lm(instruction)
+    budget = SearchConfig(iterations=1, system_candidates=3, user_candidates=1, top_k=1, train_size=4,
+                          racing=False, system_edit="add")
+    result = run_search("metaspo", tasks_of(2, 4), base_lm(correct), optimizer, budget, seed=1)
+    assert result.system_prompt == "You are a helpful assistant. Give the final answer first."
+    candidates = {n["system_prompt"] for n in result.nodes if n["origin"] == "system"}
+    assert candidates <= {"You are a helpful assistant. Give the final answer first.",
+                          "You are a helpful assistant. Answer in one word, then stop."}
+    # The outer step asked for an instruction to add, not for a new prompt.
+    asked = [chat[-1]["content"] for chats, _ in optimizer.engine.calls for chat in chats
+             if "# Current system prompt" in chat[-1]["content"]]
+    assert asked and all("one instruction to add" in r and "Write a better system prompt" not in r for r in asked)
+
+
+def test_an_unknown_system_edit_is_refused_with_a_suggestion():
+    with pytest.raises(MetaspoError, match="system_edit must be one of rewrite, add") as error:
+        SearchConfig(system_edit="rewite")
+    assert "'rewrite'" in error.value.hint
+
+
 def test_same_seed_gives_the_same_result_and_another_seed_does_not():
     first, again, other = adoption_run(seed=3), adoption_run(seed=3), adoption_run(seed=4)
     assert first.to_dict() == again.to_dict()
