@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from ..errors import MetaspoError, did_you_mean
 from .registry import get_method
 
-
 SYSTEM_EDITS = ("rewrite", "add")
 
 
