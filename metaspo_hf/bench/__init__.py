@@ -29,7 +29,6 @@ from ..models.loading import ModelSpec, load_model, local_folder, packaged_gguf_
 from . import matmul, w1, w4  # w2 is imported where used: `python -m metaspo_hf.bench.w2` runs it alone
 
 MODEL = "smollm2-135m-instruct"
-# The targets on W1: engine tok/s over batched generate, and over the best llama.cpp variant.
 # The performance issue's acceptance, per workload, as ratios of medians (checked in each printed table).
 _OVER_LLAMA_CPP = {"engine_bf16_over_llama_cpp": 1.5, "engine_bf16_over_llama_cpp_bf16": 1.5}
 TARGETS = {"w1": {**_OVER_LLAMA_CPP, "engine_int8_torchao_over_llama_cpp_q8_0": 1.5},

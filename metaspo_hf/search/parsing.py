@@ -151,6 +151,8 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
                       if unfinished else None))
         if reason is None:
             prompt = _without_budget_sentences(prompt)
+            if prompt is not None and kind == "user":
+                prompt = fix_slot(prompt)  # the slot may have sat in a dropped sentence
             reason = _BUDGET_REASON if prompt is None else (
                 _quoted_reason(prompt, shown, ignore)
                 or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
@@ -178,7 +180,7 @@ def _user_address_reason(prompt: str) -> str | None:
 
 
 def _user_prompt_reason(prompt: str) -> str | None:
-    if len(re.findall(r"[A-Za-z]+", prompt.replace(QUESTION_SLOT, ""))) < MIN_USER_PROMPT_WORDS:
+    if _word_count(prompt) < MIN_USER_PROMPT_WORDS:
         return (f"it held no instruction besides {QUESTION_SLOT} (say what the assistant should do with the "
                 "question)")
     if _USER_ECHOES_REQUEST.search(prompt):
@@ -316,8 +318,12 @@ def _without_budget_sentences(prompt: str) -> str | None:
     lines = [" ".join(sentence for sentence in _SENTENCE_END.split(line) if not _MENTIONS_REPLY_LIMIT.search(sentence))
              for line in prompt.splitlines()]
     kept = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in lines)).strip()
-    words = re.findall(r"[A-Za-z]+", kept.replace(QUESTION_SLOT, ""))
-    return kept if len(words) >= MIN_WORDS_WITHOUT_BUDGET else None
+    return kept if _word_count(kept) >= MIN_WORDS_WITHOUT_BUDGET else None
+
+
+def _word_count(prompt: str) -> int:
+    """Words of a prompt besides the slot."""
+    return len(re.findall(r"[A-Za-z]+", prompt.replace(QUESTION_SLOT, "")))
 
 
 def _quoted_reason(prompt: str, shown: Sequence[str], ignore: frozenset[tuple[str, ...]]) -> str | None:

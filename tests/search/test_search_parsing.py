@@ -262,6 +262,9 @@ def test_a_prompt_that_is_all_about_the_reply_budget_is_refused(kind, prompt):
      "Give one final answer."),
     ("user", "Decide whether the claim is true or false.\nKeep the reply under 32 tokens!\n\n{question}",
      "Decide whether the claim is true or false.\n\n{question}"),
+    # The slot sat in the dropped sentence: it is appended again, as for any prompt without one.
+    ("user", "Decide whether the claim is true or false. Answer {question} in under 32 tokens.",
+     "Decide whether the claim is true or false.\n\n{question}"),
 ])
 def test_the_sentences_about_the_reply_budget_are_dropped_and_the_rest_kept(kind, prompt, kept):
     assert parse_prompt(f"<prompt>{prompt}</prompt>", kind, LIMIT).prompt == kept
