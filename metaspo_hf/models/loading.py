@@ -22,7 +22,7 @@ from .quantized import INT8_LIBRARIES, quantize_int8, require
 CUDA_QUANTIZATIONS = ("4bit", "8bit")
 # After loading, any device (meant for CPU): quantized.py.
 QUANTIZATIONS = ("none", *CUDA_QUANTIZATIONS, *INT8_LIBRARIES)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "bfloat16-if-native", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,9 @@ class ModelSpec:
     name_or_path: str = "smollm2-135m-instruct"
     # File name inside a hub repo or folder that holds GGUF files (not needed for a .gguf path).
     gguf_file: str | None = None
-    # "auto" keeps the checkpoint's dtype on GPU and uses float32 on CPU (float16 is slow there; bfloat16 is
-    # fast only on CPUs with AVX512-BF16 or AMX, so a recipe opts into it).
+    # "auto" keeps the checkpoint's dtype on GPU and uses float32 on CPU (float16 is slow there). bfloat16 is
+    # about twice as fast as float32 where the hardware multiplies it (AVX512-BF16 or AMX, recent GPUs) and
+    # about twice as slow where it is emulated: "bfloat16-if-native" picks it only where it is native.
     dtype: str = "auto"
     # "auto" spreads a large model over the visible GPUs through accelerate; None uses one device.
     device_map: str | None = None
@@ -339,11 +340,24 @@ def staged(target: Path, folder: bool = False):
             staging.unlink(missing_ok=True)
 
 
+def bfloat16_is_native(on_cuda: bool) -> bool:
+    """Whether this device multiplies bfloat16 matrices in hardware; elsewhere torch emulates them."""
+    import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
+
+    if on_cuda:
+        return torch.cuda.is_bf16_supported()
+    # Private helpers of torch.cpu; the upper bound of the torch pin (pyproject.toml) covers them.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def _torch_dtype(spec: ModelSpec, on_cuda: bool):
+    """The dtype to load in ("auto" on a GPU: the checkpoint's own)."""
     import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     if spec.dtype == "auto":
         return "auto" if on_cuda else torch.float32
+    if spec.dtype == "bfloat16-if-native":
+        return torch.bfloat16 if bfloat16_is_native(on_cuda) else torch.float32
     return getattr(torch, spec.dtype)
 
 
@@ -360,6 +374,10 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision, local_files_only=offline)
     model_kwargs = dict(kwargs, dtype=_torch_dtype(spec, on_cuda))
+    if spec.dtype == "bfloat16" and not bfloat16_is_native(on_cuda):
+        print(f"metaspo: {spec.name_or_path} runs in bfloat16 on a device without bfloat16 arithmetic, about "
+              "twice as slow as float32 there; `model.dtype: bfloat16-if-native` picks float32 on such devices",
+              file=sys.stderr)
     if spec.device_map:
         model_kwargs["device_map"] = spec.device_map
     if spec.quantization in CUDA_QUANTIZATIONS:
@@ -420,8 +438,9 @@ def _converted_gguf(source: ModelSource, spec: ModelSpec) -> Path:
     """A safetensors copy of a GGUF model in the user cache: loading it is much faster than dequantizing again."""
     import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
-    # "auto" means float32 here: GGUF weights are dequantized, and CPU half precision is a deliberate choice.
-    dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    # "auto" means float32 here: GGUF weights are dequantized, and half precision is a deliberate choice.
+    dtype = _torch_dtype(spec, torch.cuda.is_available())
+    dtype = torch.float32 if dtype == "auto" else dtype
     gguf = Path(source.path) / source.gguf_file
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]

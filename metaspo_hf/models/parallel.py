@@ -13,6 +13,7 @@ that accelerate's ``PartialState`` sets up: NCCL between GPUs, gloo between CPU 
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,9 @@ class Processes:
 
         # cpu=True where there is no GPU: otherwise accelerate treats a CPU-only torchrun as one process.
         state = PartialState(cpu=not torch.cuda.is_available())
+        # Closed before the interpreter tears down: a gloo group left open can abort the process at exit
+        # (SIGABRT, "terminate called without an active exception") after the run itself succeeded.
+        atexit.register(state.destroy_process_group)
         local_count = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         return cls(state.num_processes, state.process_index, local_count, state.local_process_index)
 

@@ -52,6 +52,21 @@ def test_int8_quantization_without_its_library_is_a_clear_error(tiny_model_dir, 
     assert raised.value.hint.startswith('pip install --no-deps "bitsandbytes==')
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's bfloat16 units decide")
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_if_native_follows_the_cpus_bfloat16_units_and_plain_bfloat16_warns_without_them(
+        tiny_model_dir, monkeypatch, capsys, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    model, _ = loading.load_model(ModelSpec(name_or_path=str(tiny_model_dir), dtype="bfloat16-if-native"))
+    assert model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert "bfloat16-if-native" not in capsys.readouterr().err
+    model, _ = loading.load_model(ModelSpec(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16, "an explicit bfloat16 is kept"
+    warned = "without bfloat16 arithmetic" in capsys.readouterr().err
+    assert warned == (not native)
+
+
 def test_roles_share_one_model_when_the_recipe_names_the_same(tiny_model_dir):
     spec = ModelSpec(name_or_path=str(tiny_model_dir))
     base, optimizer = load_engines(spec, None, progress=False)
