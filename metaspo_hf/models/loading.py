@@ -345,7 +345,7 @@ def bfloat16_is_native(on_cuda: bool) -> bool:
     import torch  # not at the top: torch loads slowly, and `metaspo --help` should not wait for it
 
     if on_cuda:
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     # Private helpers of torch.cpu; the upper bound of the torch pin (pyproject.toml) covers them.
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
