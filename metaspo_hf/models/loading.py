@@ -132,8 +132,8 @@ class ModelSpec:
     # File name inside a hub repo or folder that holds GGUF files (not needed for a .gguf path).
     gguf_file: str | None = None
     # "auto" keeps the checkpoint's dtype on GPU and uses float32 on CPU (float16 is slow there). bfloat16 is
-    # about twice as fast as float32 where the hardware multiplies it (AVX512-BF16 or AMX, recent GPUs) and
-    # about twice as slow where it is emulated: "bfloat16-if-native" picks it only where it is native.
+    # faster than float32 where the hardware multiplies it (AVX512-BF16 or AMX, recent GPUs) and several times
+    # slower where it is emulated (docs/benchmarks.md): "bfloat16-if-native" picks it only where it is native.
     dtype: str = "auto"
     # "auto" spreads a large model over the visible GPUs through accelerate; None uses one device.
     device_map: str | None = None
@@ -375,8 +375,8 @@ def load_model(spec: ModelSpec, processes: Processes = SINGLE):
     kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision, local_files_only=offline)
     model_kwargs = dict(kwargs, dtype=_torch_dtype(spec, on_cuda))
     if spec.dtype == "bfloat16" and not bfloat16_is_native(on_cuda):
-        print(f"metaspo: {spec.name_or_path} runs in bfloat16 on a device without bfloat16 arithmetic, about "
-              "twice as slow as float32 there; `model.dtype: bfloat16-if-native` picks float32 on such devices",
+        print(f"metaspo: {spec.name_or_path} runs in bfloat16 on a device without bfloat16 arithmetic, where it "
+              "is emulated and slower than float32; `model.dtype: bfloat16-if-native` picks float32 on such devices",
               file=sys.stderr)
     if spec.device_map:
         model_kwargs["device_map"] = spec.device_map
