@@ -327,7 +327,8 @@ def validate(recipe_name: str, overrides: list[str]) -> None:
     _fixed_user_prompts(recipe, suite)
     print(f"{recipe.path}: ok — model {recipe.model.name_or_path}, suite {recipe.tasks.suite} "
           f"({len(suite.meta_train)} meta-train, {len(suite.meta_test)} unseen tasks), "
-          f"method {recipe.search.method}, {recipe.search.iterations} iterations")
+          f"method {recipe.search.method}, {recipe.search.iterations} "
+          f"iteration{'' if recipe.search.iterations == 1 else 's'}")
     held_out = recipe.search.validation_size
     for role, tasks in (("meta-train", suite.meta_train), ("unseen", suite.meta_test)):
         for task in tasks:

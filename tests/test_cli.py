@@ -52,7 +52,9 @@ def test_every_recipe_validates(recipe, capsys, offline_bigbench):
 
 def test_validate_counts_each_tasks_examples(capsys, offline_bigbench):
     assert main(["validate", "recipes/smoke.yaml", "--set", "search.test_size=100"]) == 0
-    assert capsys.readouterr().out.splitlines()[1:] == [
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(", method metaspo, 1 iteration")
+    assert out[1:] == [
         "  meta-train bigbench:navigate: 4 train + 16 held out for the guard / 40 test questions, "
         "from 60 examples split by seed",
         "  meta-train bigbench:sports_understanding: 4 train + 16 held out for the guard / 40 test questions, "
