@@ -46,6 +46,10 @@ class SearchConfig:
     # How an outer step changes the system prompt: "rewrite" it whole (the paper's method), or "add" one
     # instruction to it (a 1.5B optimizer's whole rewrites were mostly unusable: docs/results.md).
     system_edit: str = "rewrite"
+    # Give each system-prompt candidate one kind of mistake to concentrate on (not in the paper; like
+    # MIPRO's proposal tips): asked about every behaviour at once, a small optimizer writes the same
+    # generic prompt each time and never a short, specific one (docs/results.md).
+    system_focus: bool = False
     # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
     sprig_max_components: int = 12
     # Exact racing (not in the paper code): stop scoring a candidate once it provably can no longer be
@@ -82,7 +86,7 @@ class SearchConfig:
             require_int("search", name, getattr(self, name), minimum=1)
         require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
         require_int("search", "validation_size", self.validation_size, minimum=0)
-        for name in ("racing", "guard"):
+        for name in ("racing", "guard", "system_focus"):
             if not isinstance(getattr(self, name), bool):
                 raise MetaspoError(f"search.{name} must be true or false, got {getattr(self, name)!r}")
         if self.guard and self.validation_size < 1:

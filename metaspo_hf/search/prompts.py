@@ -60,23 +60,39 @@ def user_rewrite(
     )
 
 
-def system_analysis(system_prompt: str, wrong: list[tuple[str, WrongExample]], reply_limit: int) -> Chat:
+def system_analysis(
+    system_prompt: str, wrong: list[tuple[str, WrongExample]], reply_limit: int, focus: str | None = None
+) -> Chat:
     return _request(
         "system_analysis",
         **_reply_limit(reply_limit),
+        **_focus(focus),
         system_prompt=_or_none(system_prompt),
         failures=format_task_failures(wrong),
     )
 
 
-def system_rewrite(system_prompt: str, analysis: str, reply_limit: int, edit: str = "rewrite") -> Chat:
+def system_rewrite(
+    system_prompt: str, analysis: str, reply_limit: int, edit: str = "rewrite", focus: str | None = None
+) -> Chat:
     """The request for a new system prompt ("rewrite") or for one instruction to append to it ("add")."""
     return _request(
         "system_rewrite" if edit == "rewrite" else "system_add",
         **_reply_limit(reply_limit),
+        **_focus(focus),
         system_prompt=_or_none(system_prompt),
         analysis=analysis or "(no analysis available)",
     )
+
+
+def system_foci() -> list[str]:
+    """The kinds of mistake a system-prompt candidate can be asked to concentrate on (``search.system_focus``)."""
+    return template("system_focus").splitlines()
+
+
+def _focus(focus: str | None) -> dict[str, str]:
+    """The sentence that narrows a request to one kind of mistake, closing its paragraph; none without a focus."""
+    return {"focus": "" if focus is None else " " + Template(template("focus_note")).substitute(focus=focus)}
 
 
 def ape_user(demos: list[Example]) -> Chat:

@@ -51,18 +51,35 @@ def task_wording(ctx: SearchContext, task: str) -> frozenset:
 def rewrite_system_prompts(
     ctx: SearchContext, state: BilevelState, count: int, iteration: int
 ) -> list[str | None]:
-    """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times."""
+    """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times; with
+    ``search.system_focus``, candidate j looks at one kind of mistake (``system_focus_of``)."""
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
-    analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit) for failures in failure_sets]
+    foci = [system_focus_of(ctx, iteration, j) for j in range(count)]
+    analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit, focus)
+                      for failures, focus in zip(failure_sets, foci, strict=True)]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
     edit = ctx.config.system_edit
-    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis, ctx.reply_limit, edit) for analysis in analyses]
+    rewrite_chats = [prompts.system_rewrite(state.system_prompt, analysis, ctx.reply_limit, edit, focus)
+                     for analysis, focus in zip(analyses, foci, strict=True)]
     shown = [[w.question for _, w in failures] for failures in failure_sets]
     written = ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
-    if edit == "rewrite":
-        return written
-    # "add": the reply is one instruction, parsed like a prompt, appended to the current system prompt.
-    return [None if added is None else f"{state.system_prompt} {added}".strip() for added in written]
+    if edit == "add":
+        # The reply is one instruction, parsed like a prompt, appended to the current system prompt.
+        written = [None if added is None else f"{state.system_prompt} {added}".strip() for added in written]
+    if ctx.config.system_focus:
+        ctx.emit(iteration, "system_proposals",
+                 proposals=[{"focus": f, "system_prompt": text} for f, text in zip(foci, written, strict=True)])
+    return written
+
+
+def system_focus_of(ctx: SearchContext, iteration: int, j: int) -> str | None:
+    """The kind of mistake candidate ``j`` concentrates on: the step's candidates take the foci in a
+    seeded order, so that they differ and, with as many candidates as foci, cover every one."""
+    if not ctx.config.system_focus:
+        return None
+    foci = prompts.system_foci()
+    ctx.rng(iteration, "focus").shuffle(foci)
+    return foci[j % len(foci)]
 
 
 def gather_failures(

@@ -8,6 +8,7 @@ import pytest
 from fakes import (
     base_lm,
     batch_sizes,
+    candidate_id,
     is_analysis_request,
     make_task,
     optimizer_lm,
@@ -21,7 +22,7 @@ from metaspo_hf.models.base import LM, GenerationSettings, make_chat
 from metaspo_hf.models.fake import FakeEngine
 from metaspo_hf.reference_files import reference_result
 from metaspo_hf.scoring import Scorer, Trial
-from metaspo_hf.search import SearchConfig, run_search
+from metaspo_hf.search import SearchConfig, prompts, run_search
 from metaspo_hf.search.methods.sprig import component_pool
 
 
@@ -140,6 +141,49 @@ def test_the_add_edit_appends_one_instruction_to_the_current_system_prompt():
     asked = [chat[-1]["content"] for chats, _ in optimizer.engine.calls for chat in chats
              if "# Current system prompt" in chat[-1]["content"]]
     assert asked and all("one instruction to add" in r and "Write a better system prompt" not in r for r in asked)
+
+
+def test_system_focus_gives_each_candidate_its_own_kind_of_mistake_and_logs_which():
+    foci = prompts.system_foci()
+
+    def focus_in(request: str) -> str | None:
+        named = [f for f in foci if f in request]
+        assert len(named) <= 1
+        return named[0] if named else None
+
+    def respond(chat, settings, k):  # writes "Answer briefly." only when asked about the reply's length
+        request = chat[-1]["content"]
+        if is_analysis_request(request):
+            return "<analysis>The replies run long.</analysis>"
+        if "{question}" in request:
+            return f"<prompt>Answer this ({candidate_id(chat, settings, k)}): {{question}}</prompt>"
+        focus = focus_in(request)
+        return f"<prompt>{'Answer briefly.' if focus and 'length of the reply' in focus else 'Be careful.'}</prompt>"
+
+    def correct(system, user):
+        return "Answer briefly." in system or half_right(system, user)
+
+    events, outer_requests = [], {}
+    for focus_on in (True, False):
+        optimizer = LM(FakeEngine(respond), GenerationSettings(temperature=1.0, seed=7), role="optimizer")
+        budget = SearchConfig(iterations=1, system_candidates=len(foci), user_candidates=1, top_k=1,
+                              train_size=4, racing=False, system_focus=focus_on)
+        result = run_search("metaspo", tasks_of(2, 4), base_lm(correct), optimizer, budget, seed=3,
+                            on_event=events.append if focus_on else None)
+        outer_requests[focus_on] = [chat[-1]["content"] for chats, _ in optimizer.engine.calls for chat in chats
+                                    if "collected from several tasks" in chat[-1]["content"]
+                                    or "# Current system prompt" in chat[-1]["content"]]
+        assert (result.system_prompt == "Answer briefly.") is focus_on
+    analyses = [r for r in outer_requests[True] if is_analysis_request(r)]
+    rewrites = [r for r in outer_requests[True] if not is_analysis_request(r)]
+    # As many candidates as foci: each kind of mistake once, the analysis and the rewrite of a candidate alike.
+    assert sorted(map(focus_in, analyses)) == sorted(foci)
+    assert [focus_in(r) for r in rewrites] == [focus_in(r) for r in analyses]
+    assert all("Concentrate on one kind of mistake" not in r for r in outer_requests[False])
+    proposals = [e for e in events if e.get("step") == "system_proposals"]
+    assert len(proposals) == 1
+    assert [p["focus"] for p in proposals[0]["proposals"]] == [focus_in(r) for r in rewrites]
+    assert {p["system_prompt"] for p in proposals[0]["proposals"]} == {"Answer briefly.", "Be careful."}
 
 
 def test_an_unknown_system_edit_is_refused_with_a_suggestion():
