@@ -65,11 +65,21 @@ def rewrite_system_prompts(
     written = ctx.writer.prompts(rewrite_chats, "system", iteration, "system", shown=shown)
     if edit == "add":
         # The reply is one instruction, parsed like a prompt, appended to the current system prompt.
-        written = [None if added is None else f"{state.system_prompt} {added}".strip() for added in written]
+        written = [_appended(state.system_prompt, added) for added in written]
     if ctx.config.system_focus:
         ctx.emit(iteration, "system_proposals",
                  proposals=[{"focus": f, "system_prompt": text} for f, text in zip(foci, written, strict=True)])
     return written
+
+
+def _appended(system_prompt: str, added: str | None) -> str | None:
+    """The current prompt plus the instruction; a 1.5B optimizer often repeats the current prompt in its
+    reply, which would otherwise be appended twice (None if nothing new is left)."""
+    if added is None:
+        return None
+    if system_prompt:
+        added = added.replace(system_prompt, "").strip()
+    return f"{system_prompt} {added}".strip() if added else None
 
 
 def system_focus_of(ctx: SearchContext, iteration: int, j: int) -> str | None:

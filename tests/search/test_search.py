@@ -186,6 +186,21 @@ def test_system_focus_gives_each_candidate_its_own_kind_of_mistake_and_logs_whic
     assert {p["system_prompt"] for p in proposals[0]["proposals"]} == {"Answer briefly.", "Be careful."}
 
 
+def test_an_added_instruction_that_repeats_the_current_prompt_is_appended_once():
+    initial = "You are a helpful assistant."
+    replies = {0: f"{initial} Give the final answer first.", 1: initial}  # the second adds nothing new
+    sent = []
+    optimizer = optimizer_lm(lambda h: sent.append(h % 2) or replies[h % 2])
+    budget = SearchConfig(iterations=1, system_candidates=4, user_candidates=1, top_k=1, train_size=4,
+                          racing=False, system_edit="add")
+    result = run_search("metaspo", tasks_of(2, 4), base_lm(half_right), optimizer, budget, seed=1)
+    candidates = {n["system_prompt"] for n in result.nodes if n["origin"] == "system"}
+    assert candidates == {"You are a helpful assistant. Give the final answer first."}
+    # Only the replies with something new became candidates (one node per task each); both kinds were sent.
+    system_nodes = [n for n in result.nodes if n["origin"] == "system"]
+    assert len(system_nodes) == 2 * sent[-4:].count(0) and set(sent[-4:]) == {0, 1}
+
+
 def test_an_unknown_system_edit_is_refused_with_a_suggestion():
     with pytest.raises(MetaspoError, match="system_edit must be one of rewrite, add") as error:
         SearchConfig(system_edit="rewite")
