@@ -115,9 +115,9 @@ MIN_WORDS_WITHOUT_BUDGET = 6
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
 _STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
-# Words a user prompt needs besides the slot to instruct anyone ("Solve carefully:"); the 1.5B optimizer
-# once left "and\n\n{question}" as a whole prompt (validity run, seed 2).
-MIN_USER_PROMPT_WORDS = 2
+# Words a prompt needs (besides the slot) to instruct anyone ("Solve carefully:"); the 1.5B optimizer once
+# left "and\n\n{question}" as a whole user prompt, and "and" as an instruction to add to a system prompt.
+MIN_INSTRUCTION_WORDS = 2
 # How a finished prompt ends: punctuation, a closing bracket or quote, or the slot.
 _FINISHED = re.compile(r"""(?:[.!?:;)\]}"'\u2019\u201d\u2026*`>]|\{question\})\s*\Z""")
 # A prompt sharing this many consecutive words with a question shown to the optimizer quotes it.
@@ -170,6 +170,8 @@ def _cut_off(text: str) -> bool:
 
 
 def _user_address_reason(prompt: str) -> str | None:
+    if _word_count(prompt) < MIN_INSTRUCTION_WORDS:
+        return "it held no instruction (write at least one sentence telling the assistant what to do)"
     if _SPEAKS_TO_USER.search(prompt):
         return ("it spoke to the user instead of instructing the assistant (write instructions addressed to "
                 "the assistant, in the second person)")
@@ -180,7 +182,7 @@ def _user_address_reason(prompt: str) -> str | None:
 
 
 def _user_prompt_reason(prompt: str) -> str | None:
-    if _word_count(prompt) < MIN_USER_PROMPT_WORDS:
+    if _word_count(prompt) < MIN_INSTRUCTION_WORDS:
         return (f"it held no instruction besides {QUESTION_SLOT} (say what the assistant should do with the "
                 "question)")
     if _USER_ECHOES_REQUEST.search(prompt):

@@ -229,6 +229,13 @@ def test_a_system_prompt_that_speaks_to_the_user_is_refused(reply):
     assert parsed.prompt is None and "spoke to the user" in parsed.reason
 
 
+def test_a_system_prompt_or_instruction_of_one_word_is_refused_and_two_words_pass():
+    # Seen from Qwen2.5-Coder-1.5B as an instruction to add (knowledge suite, system_focus, seed 1).
+    parsed = parse_prompt("<prompt>and</prompt>", "system", LIMIT)
+    assert parsed.prompt is None and "held no instruction" in parsed.reason
+    assert parse_prompt("<prompt>Be brief.</prompt>", "system", LIMIT).prompt == "Be brief."
+
+
 def test_a_system_prompt_that_echoes_the_prompt_writing_request_is_refused():
     reply = ("<prompt>You are a helpful assistant. When you receive a request, please explain why the model made "
              "mistakes. Use general prompts that help on all tasks and new tasks of kinds not seen here.</prompt>")
