@@ -273,7 +273,7 @@ def test_w2_at_a_recipe_takes_its_sizes_budgets_and_racing():
     from metaspo_hf.bench import w2
 
     cost = w2.RunCost().at_recipe("qwen2.5-coder-1.5b-cpu")
-    assert (cost.train_size, cost.system_candidates, cost.base_new_tokens, cost.optimizer_new_tokens) == (16, 3, 32, 256)
+    assert (cost.train_size, cost.system_candidates, cost.base_new_tokens, cost.optimizer_new_tokens) == (16, 5, 32, 256)
     assert (cost.racing, cost.recipe, cost.tasks) == (False, "qwen2.5-coder-1.5b-cpu", w2.RunCost().tasks)
     assert cost.budget(ours=True).racing is False and w2.RunCost().budget(ours=True).racing is True
     assert w2.RunCost().budget(ours=False).racing is False
