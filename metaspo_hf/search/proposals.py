@@ -52,9 +52,9 @@ def rewrite_system_prompts(
     ctx: SearchContext, state: BilevelState, count: int, iteration: int
 ) -> list[str | None]:
     """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times; with
-    ``search.system_focus``, candidate j looks at one kind of mistake (``system_focus_of``)."""
+    ``search.system_focus``, candidate j looks at one kind of mistake (``system_foci_of``)."""
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
-    foci = [system_focus_of(ctx, iteration, j) for j in range(count)]
+    foci = system_foci_of(ctx, iteration, count)
     analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit, focus)
                       for failures, focus in zip(failure_sets, foci, strict=True)]
     analyses = ctx.writer.analyses(analysis_chats, iteration, "system")
@@ -82,14 +82,14 @@ def _appended(system_prompt: str, added: str | None) -> str | None:
     return f"{system_prompt} {added}".strip() if added else None
 
 
-def system_focus_of(ctx: SearchContext, iteration: int, j: int) -> str | None:
-    """The kind of mistake candidate ``j`` concentrates on: the step's candidates take the foci in a
-    seeded order, so that they differ and, with as many candidates as foci, cover every one."""
+def system_foci_of(ctx: SearchContext, iteration: int, count: int) -> list[str | None]:
+    """The kind of mistake each of a step's ``count`` candidates concentrates on: the foci in a seeded
+    order, so that they differ and, with as many candidates as foci, cover every one (None without the key)."""
     if not ctx.config.system_focus:
-        return None
+        return [None] * count
     foci = prompts.system_foci()
     ctx.rng(iteration, "focus").shuffle(foci)
-    return foci[j % len(foci)]
+    return [foci[j % len(foci)] for j in range(count)]
 
 
 def gather_failures(
