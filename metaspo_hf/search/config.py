@@ -11,6 +11,8 @@ from ..errors import MetaspoError, did_you_mean
 from .registry import get_method
 
 SYSTEM_EDITS = ("rewrite", "add")
+# The methods whose outer step writes candidates from failures (proposals.rewrite_system_prompts).
+COMPONENT_METHODS = ("metaspo", "outer_only")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class SearchConfig:
     # MIPRO's proposal tips): asked about every behaviour at once, a small optimizer writes the same
     # generic prompt each time and never a short, specific one (docs/results.md).
     system_focus: bool = False
+    # Also try this many sentences of the SPRIG-style component pool, each appended to the current prompt,
+    # as system candidates of each outer step (not in the paper; metaspo and outer_only): the 1.5B optimizer
+    # never wrote the short-reply instruction its training questions reward, and the pool has one (docs/results.md).
+    system_components: int = 0
     # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
     sprig_max_components: int = 12
     # Exact racing (not in the paper code): stop scoring a candidate once it provably can no longer be
@@ -86,6 +92,10 @@ class SearchConfig:
             require_int("search", name, getattr(self, name), minimum=1)
         require_int("search", "max_parse_retries", self.max_parse_retries, minimum=0)
         require_int("search", "validation_size", self.validation_size, minimum=0)
+        require_int("search", "system_components", self.system_components, minimum=0)
+        if self.system_components and self.method not in COMPONENT_METHODS:
+            raise MetaspoError(f"search.system_components applies to {' and '.join(COMPONENT_METHODS)}, "
+                               f"not to search.method {self.method!r}", hint="set search.system_components: 0")
         for name in ("racing", "guard", "system_focus"):
             if not isinstance(getattr(self, name), bool):
                 raise MetaspoError(f"search.{name} must be true or false, got {getattr(self, name)!r}")

@@ -90,6 +90,13 @@ def system_foci() -> list[str]:
     return template("system_focus").splitlines()
 
 
+@cache
+def component_pool() -> tuple[str, ...]:
+    """The SPRIG-style pool of system-prompt sentences (``sprig`` and ``search.system_components``)."""
+    lines = template("sprig_components").splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
 def _focus(focus: str | None) -> dict[str, str]:
     """The sentence that narrows a request to one kind of mistake, closing its paragraph; none without a focus."""
     return {"focus": "" if focus is None else " " + Template(template("focus_note")).substitute(focus=focus)}

@@ -52,7 +52,8 @@ def rewrite_system_prompts(
     ctx: SearchContext, state: BilevelState, count: int, iteration: int
 ) -> list[str | None]:
     """Failures gathered across tasks -> analysis -> rewritten system prompt, ``count`` times; with
-    ``search.system_focus``, candidate j looks at one kind of mistake (``system_foci_of``)."""
+    ``search.system_focus``, candidate j looks at one kind of mistake (``system_foci_of``); with
+    ``search.system_components``, pool sentences appended to the current prompt follow (``pool_sentences_of``)."""
     failure_sets = [gather_failures(ctx, state, iteration, j) for j in range(count)]
     foci = system_foci_of(ctx, iteration, count)
     analysis_chats = [prompts.system_analysis(state.system_prompt, failures, ctx.reply_limit, focus)
@@ -66,10 +67,27 @@ def rewrite_system_prompts(
     if edit == "add":
         # The reply is one instruction, parsed like a prompt, appended to the current system prompt.
         written = [_appended(state.system_prompt, added) for added in written]
-    if ctx.config.system_focus:
-        ctx.emit(iteration, "system_proposals",
-                 proposals=[{"focus": f, "system_prompt": text} for f, text in zip(foci, written, strict=True)])
-    return written
+    proposals = [{"source": "optimizer", "focus": f, "system_prompt": text}
+                 for f, text in zip(foci, written, strict=True)]
+    pooled = pool_sentences_of(ctx, state.system_prompt, iteration)
+    proposals += [{"source": "pool", "sentence": sentence, "system_prompt": _appended(state.system_prompt, sentence)}
+                  for sentence in pooled]
+    if ctx.config.system_focus or pooled:
+        ctx.emit(iteration, "system_proposals", proposals=proposals)
+    return [p["system_prompt"] for p in proposals]
+
+
+def pool_sentences_of(ctx: SearchContext, system_prompt: str, iteration: int) -> list[str]:
+    """The step's ``search.system_components`` sentences from the component pool, to append as candidates:
+    a seeded order of the pool drawn once per run, each step taking the next ones the prompt lacks, so no
+    sentence is tried twice in a run."""
+    count = ctx.config.system_components
+    if not count:
+        return []
+    pool = list(prompts.component_pool())
+    ctx.rng("pool").shuffle(pool)
+    step = pool[(iteration - 1) * count : iteration * count]
+    return [sentence for sentence in step if sentence not in system_prompt]
 
 
 def _appended(system_prompt: str, added: str | None) -> str | None:

@@ -23,7 +23,6 @@ from metaspo_hf.models.fake import FakeEngine
 from metaspo_hf.reference_files import reference_result
 from metaspo_hf.scoring import Scorer, Trial
 from metaspo_hf.search import SearchConfig, prompts, run_search
-from metaspo_hf.search.methods.sprig import component_pool
 
 
 def half_right(system: str, user: str) -> bool:
@@ -201,6 +200,35 @@ def test_an_added_instruction_that_repeats_the_current_prompt_is_appended_once()
     assert len(system_nodes) == 2 * sent[-4:].count(0) and set(sent[-4:]) == {0, 1}
 
 
+def test_pool_sentences_are_tried_as_added_instructions_once_each_and_one_the_base_rewards_is_adopted():
+    pool = prompts.component_pool()
+
+    def correct(system, user):  # any pool sentence in the system prompt makes every answer right
+        return any(sentence in system for sentence in pool) or half_right(system, user)
+
+    events = []
+    budget = SearchConfig(iterations=2, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
+                          racing=False, system_edit="add", system_components=3)
+    result = run_search("metaspo", tasks_of(2, 4), base_lm(correct), optimizer_lm(), budget, seed=5,
+                        on_event=events.append)
+    steps = [e["proposals"] for e in events if e.get("step") == "system_proposals"]
+    assert [[p["source"] for p in step] for step in steps] == [["optimizer"] * 2 + ["pool"] * 3] * 2
+    pooled = [p["sentence"] for step in steps for p in step if p["source"] == "pool"]
+    assert len(set(pooled)) == 6 and set(pooled) <= set(pool)
+    # Step 1 adopts its first pool candidate (the optimizer's score half); in step 2 every candidate ties
+    # with it, so it stays; each pool candidate is the current prompt plus its sentence.
+    first = steps[0][2]["sentence"]
+    assert result.system_prompt == f"You are a helpful assistant. {first}"
+    assert [p["system_prompt"] for p in steps[1][2:]] == [f"{result.system_prompt} {p['sentence']}" for p in steps[1][2:]]
+
+
+def test_pool_sentences_need_a_method_that_writes_from_failures():
+    with pytest.raises(MetaspoError, match="system_components applies to metaspo and outer_only"):
+        SearchConfig(method="sprig", system_components=2)
+    with pytest.raises(MetaspoError, match="system_components must be >= 0"):
+        SearchConfig(system_components=-1)
+
+
 def test_an_unknown_system_edit_is_refused_with_a_suggestion():
     with pytest.raises(MetaspoError, match="system_edit must be one of rewrite, add") as error:
         SearchConfig(system_edit="rewite")
@@ -295,7 +323,7 @@ def test_ape_writes_from_demos_first_then_paraphrases_the_beam():
 
 def test_sprig_edits_pool_components_and_keeps_the_best_population():
     # Each rewarded pool sentence in the system prompt makes one more question come out right.
-    rewarded = [c for c in component_pool() if "step" in c or "Check" in c or "mistake" in c]
+    rewarded = [c for c in prompts.component_pool() if "step" in c or "Check" in c or "mistake" in c]
     assert len(rewarded) >= 3
 
     def correct(system, user):
@@ -311,7 +339,7 @@ def test_sprig_edits_pool_components_and_keeps_the_best_population():
     assert any(c in result.system_prompt for c in rewarded)
     assert result.user_prompts == {t.name: [t.initial_prompt] for t in tasks}
     # Every candidate is made of pool sentences, the initial prompt, or the optimizer's rephrasings.
-    pieces = set(component_pool()) | {budget.initial_system_prompt}
+    pieces = set(prompts.component_pool()) | {budget.initial_system_prompt}
     for node in result.nodes:
         rest = node["system_prompt"]
         for piece in sorted(pieces, key=len, reverse=True):

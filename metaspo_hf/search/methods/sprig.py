@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from functools import cache
 
 from ...tasks.task import Task
 from .. import prompts
@@ -58,7 +57,7 @@ def sprig(ctx: SearchContext, tasks: list[Task]) -> SearchOutcome:
     for iteration in range(1, ctx.config.iterations + 1):
         edits = [
             plan_edit(
-                ctx.rng(iteration, "edit", j), population, component_pool(), ctx.config.sprig_max_components
+                ctx.rng(iteration, "edit", j), population, prompts.component_pool(), ctx.config.sprig_max_components
             )
             for j in range(count)
         ]
@@ -170,12 +169,6 @@ def _genome(ctx: SearchContext, components: tuple[str, ...], parent: Genome | No
         for i, (name, task) in enumerate(ctx.tasks.items())
     ]
     return Genome(components, nodes)
-
-
-@cache
-def component_pool() -> tuple[str, ...]:
-    lines = prompts.template("sprig_components").splitlines()
-    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
 
 
 def split(system_prompt: str) -> tuple[str, ...]:
