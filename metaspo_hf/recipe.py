@@ -143,6 +143,7 @@ _LATER_KEYS = (
     ("search", "guard", False),
     ("search", "validation_size", 0),
     ("search", "guard_margin", 0.0),
+    ("search", "guard_rule", "mean"),
 )
 
 

@@ -182,16 +182,22 @@ def _meta_train_section(result: dict, plotted: bool) -> list[str]:
     ]
 
 
+# The guard's rule (search.guard_rule) as the report's "needs" column says it; result.json before the key: mean.
+_GUARD_RULE_WORDS = {"mean": "mean", "low": "interval low end"}
+
+
 def _guard_lines(result: dict) -> list[str]:
     guards = result.get("guard", {})
     if not guards:
         return []
     rows = [[method, interval(g["difference"]["overall"]), str(g["difference"]["overall"]["items"]),
-             f"> {g['margin']:+.3f}", "kept" if g["kept"] else "turned down (initial prompt returned)"]
+             f"{_GUARD_RULE_WORDS[g.get('rule', 'mean')]} > {g['margin']:+.3f}",
+             "kept" if g["kept"] else "turned down (initial prompt returned)"]
             for method, g in guards.items()]
     return [
         "Validation guard: each searched system prompt against the initial one on training questions the "
-        "search never saw (paired; 95% bootstrap interval). It is kept only if the mean gain passes the margin.",
+        "search never saw (paired; 95% bootstrap interval). It is kept only if the gain (its mean, or the low end "
+        "of its interval, as the recipe asks) passes the margin.",
         "",
         *markdown_table(["method", "searched minus initial", "items", "needs", "decision"], rows),
         "",

@@ -11,6 +11,7 @@ from ..errors import MetaspoError, did_you_mean
 from .registry import get_method
 
 SYSTEM_EDITS = ("rewrite", "add")
+GUARD_RULES = ("mean", "low")
 # The methods whose outer step writes candidates from failures (proposals.rewrite_system_prompts).
 COMPONENT_METHODS = ("metaspo", "outer_only")
 
@@ -69,8 +70,11 @@ class SearchConfig:
     guard: bool = False
     # Training questions per task held out of the search for the guard (taken after train_size).
     validation_size: int = 0
-    # How much the searched prompt's mean paired gain on those questions must exceed; 0 = any gain.
+    # How much the searched prompt's paired gain on those questions must exceed; 0 = any gain.
     guard_margin: float = 0.0
+    # Which end of that gain must pass the margin: its "mean", or the "low" end of its 95% interval (never
+    # keeps a gain inside the noise, but on 64-128 held-out items it keeps only large ones: docs/method.md).
+    guard_rule: str = "mean"
 
     def __post_init__(self):
         get_method(self.method, key="search.method")
@@ -105,6 +109,9 @@ class SearchConfig:
         if isinstance(self.guard_margin, bool) or not isinstance(self.guard_margin, (int, float)) \
                 or not 0 <= self.guard_margin < 1:
             raise MetaspoError(f"search.guard_margin must be a number in [0, 1), got {self.guard_margin!r}")
+        if self.guard_rule not in GUARD_RULES:
+            raise MetaspoError(f"search.guard_rule must be one of {', '.join(GUARD_RULES)}, got {self.guard_rule!r}",
+                               hint=did_you_mean(str(self.guard_rule), GUARD_RULES))
         if self.system_edit not in SYSTEM_EDITS:
             raise MetaspoError(f"search.system_edit must be one of {', '.join(SYSTEM_EDITS)}, got {self.system_edit!r}",
                                hint=did_you_mean(str(self.system_edit), SYSTEM_EDITS))

@@ -5,8 +5,9 @@ The search scores candidates on the first ``train_size`` training questions of e
 one on a gain there, which on a few dozen questions can be one lucky answer. The guard takes the
 next ``validation_size`` questions of each task, scores the initial and the searched system prompt on
 the same (task, user prompt, question) items — each task's initial user prompt and the best user
-prompt the search kept — and keeps the searched prompt only when its mean paired difference exceeds
-``guard_margin``. Otherwise the search returns the initial prompt, and says so.
+prompt the search kept — and keeps the searched prompt only when its mean paired difference (or, with
+``guard_rule: low``, the low end of its 95% interval) exceeds ``guard_margin``. Otherwise the search
+returns the initial prompt, and says so.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def validation_examples(ctx: SearchContext, task: str) -> list:
 
 def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[str, list[str]]) -> dict:
     """The guard's decision on ``system_prompt`` (the search's result) with the kept ``user_prompts``:
-    {"kept", "difference" (stats.paired_difference of searched minus initial), "margin"}."""
+    {"kept", "difference" (stats.paired_difference of searched minus initial), "rule", "margin"}."""
     initial = ctx.config.initial_system_prompt
     rows, trials = [], []
     for name, task in ctx.tasks.items():
@@ -43,9 +44,10 @@ def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[
         for q, score in enumerate(result.scores)
     ]
     difference = paired_difference(items, SEARCHED, INITIAL, seed=ctx.seed)
-    kept = difference["overall"]["mean"] > ctx.config.guard_margin
-    decision = {"kept": kept, "margin": ctx.config.guard_margin, "difference": difference}
     overall = difference["overall"]
+    rule = ctx.config.guard_rule
+    kept = overall[rule] > ctx.config.guard_margin
+    decision = {"kept": kept, "rule": rule, "margin": ctx.config.guard_margin, "difference": difference}
     ctx.emit(ctx.config.iterations, "guard", kept=kept, difference=round(overall["mean"], 4),
              low=round(overall["low"], 4), high=round(overall["high"], 4), items=overall["items"])
     return decision

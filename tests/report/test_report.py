@@ -205,3 +205,19 @@ def test_compare_runs_pools_the_items_of_every_seed(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| default | +"))
     o = pooled["overall"]
     assert f"| {o['mean']:+.3f} [{o['low']:+.3f}, {o['high']:+.3f}] | better |" in row
+
+
+@pytest.mark.parametrize("rule, needs", [("low", "interval low end > +0.000"), (None, "mean > +0.000")])
+def test_a_guard_that_turned_the_prompt_down_opens_the_report_and_its_table_says_what_it_needed(tmp_path, rule, needs):
+    result = paired_result(0.0)
+    result["system_prompts"]["metaspo"] = result["system_prompts"]["default"]
+    held_out = [{"seed": 0, "task": "t", "user_prompt": 0, "question": str(i), "label": label, "score": float(label == "searched"
+                 and i == 0)} for i in range(8) for label in ("searched", "initial")]
+    guard = {"kept": False, "margin": 0.0, "difference": paired_difference(held_out, "searched", "initial")}
+    if rule:  # result.json written before search.guard_rule has no "rule": the mean was the rule then
+        guard["rule"] = rule
+    result["guard"] = {"metaspo": guard}
+    lines = write_report(write_run(tmp_path, result)).read_text().splitlines()
+    assert "the validation guard turned down `metaspo`'s searched prompt (+0.125" in lines[2]
+    row = next(line for line in lines if line.startswith("| metaspo | +0.125"))
+    assert f"| 8 | {needs} | turned down (initial prompt returned) |" in row

@@ -11,18 +11,20 @@ from metaspo_hf.search import SearchConfig, run_search
 INITIAL = "You are a helpful assistant."
 
 
-def guarded_run(candidate: str, held_out_right: bool, guard: bool = True, margin: float = 0.0):
+def guarded_run(candidate: str, held_out_right: bool | set, guard: bool = True, margin: float = 0.0, rule="mean"):
     """Every system candidate is ``candidate``: it answers the 4 search questions of each task right
-    (the initial prompt only the even ones), and the 4 held-out ones right iff ``held_out_right``."""
+    (the initial prompt only the even ones), and the 4 held-out ones (4..7) right iff ``held_out_right``
+    (or those whose index is in it)."""
 
     def correct(system, user):
         i = question_index(user)
         if system == INITIAL:
             return i % 2 == 0
-        return i < 4 or held_out_right
+        return i < 4 or (i in held_out_right if isinstance(held_out_right, set) else held_out_right)
 
     budget = SearchConfig(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
-                          racing=False, guard=guard, validation_size=4 if guard else 0, guard_margin=margin)
+                          racing=False, guard=guard, validation_size=4 if guard else 0, guard_margin=margin,
+                          guard_rule=rule)
     events = []
     tasks = [make_task(f"t{i}", n_train=8) for i in range(2)]
     result = run_search("metaspo", tasks, base_lm(correct), optimizer_lm(lambda h: candidate), budget, seed=1,
@@ -52,6 +54,18 @@ def test_a_prompt_adopted_on_the_search_questions_but_worse_held_out_is_turned_d
 def test_the_margin_must_be_passed():
     result, _ = guarded_run("Check every step.", held_out_right=True, margin=0.6)
     assert result.system_prompt == INITIAL and not result.guard["kept"]
+
+
+def test_the_low_rule_turns_down_a_held_out_gain_whose_interval_reaches_zero_and_keeps_a_clear_one():
+    # One held-out question more of four (question 5), in each task: a mean gain, inside the noise.
+    small = {rule: guarded_run("Check every step.", held_out_right={4, 5, 6}, rule=rule)[0] for rule in ("mean", "low")}
+    overall = small["mean"].guard["difference"]["overall"]
+    assert overall["mean"] == pytest.approx(0.25) and overall["low"] <= 0
+    assert small["mean"].guard["kept"] and small["mean"].system_prompt == "Check every step."
+    assert not small["low"].guard["kept"] and small["low"].system_prompt == INITIAL
+    assert (small["mean"].guard["rule"], small["low"].guard["rule"]) == ("mean", "low")
+    clear, _ = guarded_run("Check every step.", held_out_right=True, rule="low")
+    assert clear.guard["difference"]["overall"]["low"] > 0 and clear.system_prompt == "Check every step."
 
 
 def test_without_the_guard_the_search_result_stands_and_nothing_is_held_out():
@@ -86,6 +100,7 @@ def test_too_few_training_questions_for_the_guard_is_an_error_before_any_work():
     ({"guard": True}, "search.guard is on but search.validation_size is 0"),
     ({"guard": "yes"}, "search.guard must be true or false"),
     ({"guard_margin": 1.5}, "search.guard_margin must be a number in"),
+    ({"guard_rule": "lowest"}, "search.guard_rule must be one of mean, low"),
     ({"validation_size": -1}, "search.validation_size must be >= 0"),
 ])
 def test_bad_guard_settings_are_refused(fields, message):
