@@ -144,6 +144,9 @@ _LATER_KEYS = (
     ("search", "validation_size", 0),
     ("search", "guard_margin", 0.0),
     ("search", "guard_rule", "mean"),
+    ("search", "system_edit", "rewrite"),
+    ("search", "system_focus", False),
+    ("search", "system_components", 0),
 )
 
 
