@@ -54,8 +54,8 @@ class SearchConfig:
     # generic prompt each time and never a short, specific one (docs/results.md).
     system_focus: bool = False
     # Also try this many sentences of the SPRIG-style component pool, each appended to the current prompt,
-    # as system candidates of each outer step (not in the paper; metaspo and outer_only): the 1.5B optimizer
-    # never wrote the short-reply instruction its training questions reward, and the pool has one (docs/results.md).
+    # as system candidates of each outer step (not in the paper; metaspo and outer_only); 0, because each costs
+    # a scoring pass and in a knowledge seed none beat the optimizer's candidates (docs/results.md).
     system_components: int = 0
     # Caps SPRIG-style prompts so that repeated "add" edits cannot grow them without bound.
     sprig_max_components: int = 12
