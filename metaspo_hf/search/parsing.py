@@ -19,7 +19,10 @@ policy (see docs/method.md):
   the problem in the given input/output pairs. {question}", "that line is appended automatically"): the
   scored model would read our instructions to the optimizer as its task; nor may it keep placeholders
   other than the slot (``{premise}``): the question is inserted whole, and the rest would stay literal;
-  nor may it be a bare slot with a word or two ("and {question}"): that instructs nobody;
+  nor may it be a bare slot with a word or two ("and {question}"): that instructs nobody; nor may it ask
+  the assistant to write a question or code instead of answering;
+- a prompt must not keep markup tags other than the answer tags (``<template>``): the assistant reads them
+  literally;
 - a prompt must not quote the questions it was written from (a run of ``COPIED_WORDS`` words): a
   system prompt must be general, and small optimizers paste a failed question into system and user
   prompts verbatim; for a user prompt, wording that the task's questions share (its instructions)
@@ -113,6 +116,18 @@ _MENTIONS_REPLY_LIMIT = re.compile(r"\btokens?\b|\b(?:reply|response|length|this
 # What must be left of a prompt once its budget sentences are dropped ("You are a helpful assistant." is not).
 MIN_WORDS_WITHOUT_BUDGET = 6
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A user prompt that asks the assistant to produce something other than the answer: a question for the shown
+# output, or code (seen from the 1.5B optimizer on unseen tasks: "Write a question that matches the given
+# input, and then answer it", "Write a Python function that takes a list of example sentences").
+_USER_ASKS_FOR_OTHER_WORK = re.compile(
+    r"\b(?:write|create|generate) (?:a|an|the)\b[^.\n]{0,20}?\b(?:questions?|functions?|programs?|scripts?|code)\b",
+    re.IGNORECASE,
+)
+# A markup tag left in a prompt (our own tags are stripped before this is read): the 1.5B optimizer wrapped
+# user prompts in <template>...</template>, which the scored model then read literally. Answer tags may
+# stay: a prompt may ask for them. Spaces are not allowed in the name, so "if x < y and z > 0" is no tag.
+_MARKUP_TAG = re.compile(r"<\s*/?\s*([A-Za-z][A-Za-z0-9_\-]*)\s*/?\s*>")
+_ANSWER_TAG_NAME = "answer"  # what every answer-format line asks for (tasks/extract.py reads it)
 # A placeholder left in a user prompt after the slot was normalised ("{premise}", "{options}").
 _STRAY_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_ ]{0,30}\s*\}")
 # Words a prompt needs (besides the slot) to instruct anyone ("Solve carefully:"); the 1.5B optimizer once
@@ -172,6 +187,8 @@ def _cut_off(text: str) -> bool:
 def _user_address_reason(prompt: str) -> str | None:
     if _word_count(prompt) < MIN_INSTRUCTION_WORDS:
         return "it held no instruction (write at least one sentence telling the assistant what to do)"
+    if reason := _markup_reason(prompt):
+        return reason
     if _SPEAKS_TO_USER.search(prompt):
         return ("it spoke to the user instead of instructing the assistant (write instructions addressed to "
                 "the assistant, in the second person)")
@@ -188,10 +205,23 @@ def _user_prompt_reason(prompt: str) -> str | None:
     if _USER_ECHOES_REQUEST.search(prompt):
         return ("it repeated the request for a prompt instead of telling the assistant how to do the task "
                 "(write the task instruction itself)")
+    if reason := _markup_reason(prompt):
+        return reason
+    if _USER_ASKS_FOR_OTHER_WORK.search(prompt):
+        return ("it asked the assistant to write a question or code instead of answering the input (tell the "
+                "assistant how to find the answer to the question it is given)")
     stray = [m.group(0) for m in _STRAY_PLACEHOLDER.finditer(prompt.replace(QUESTION_SLOT, ""))]
     if stray:
         return (f"it had placeholders other than {QUESTION_SLOT} ({', '.join(stray)}): the whole input goes in "
                 f"{QUESTION_SLOT}, and nothing fills the others")
+    return None
+
+
+def _markup_reason(prompt: str) -> str | None:
+    tags = sorted({m.group(1) for m in _MARKUP_TAG.finditer(prompt) if m.group(1).lower() != _ANSWER_TAG_NAME})
+    if tags:
+        return (f"it kept markup tags ({', '.join(f'<{tag}>' for tag in tags)}) that the assistant would read "
+                "literally (write the prompt as plain text)")
     return None
 
 
