@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import MetaspoError
-from .evaluation import BASELINE_SYSTEM_PROMPTS
+from .evaluation import BASELINE_SYSTEM_PROMPTS, turned_down_label
 from .evaluation.protocols import (
     item_rows,
     load_user_prompts,
@@ -107,10 +107,7 @@ def _execute(recipe: Recipe, suite, run_dir: RunDir, processes: Processes, phase
             run_dir.write_json(RunDir.NODES, {m: s.nodes for m, s in searches.items()})
 
     # 5. The system prompts to compare on unseen tasks.
-    system_prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
-                      if label in BASELINE_SYSTEM_PROMPTS}
-    system_prompts.update({method: search.system_prompt for method, search in searches.items()})
-    system_prompts.update(file_prompts)
+    system_prompts = unseen_system_prompts(recipe, searches, file_prompts)
     main_label = next(iter(file_prompts), recipe.search.method)
 
     # 6. Protocols on the unseen tasks.
@@ -162,6 +159,20 @@ def _execute(recipe: Recipe, suite, run_dir: RunDir, processes: Processes, phase
 
 
 # ---- the steps of run() ---------------------------------------------------------------------------
+
+def unseen_system_prompts(recipe: Recipe, searches: dict[str, SearchResult], file_prompts: dict[str, str]
+                          ) -> dict[str, str]:
+    """Label -> system prompt for the unseen tasks: the fixed baselines the recipe compares, each search's
+    returned prompt, what a guard turned down (when the recipe asks for it), and the files given."""
+    prompts = {label: BASELINE_SYSTEM_PROMPTS[label] for label in recipe.evaluation.compare
+               if label in BASELINE_SYSTEM_PROMPTS}
+    prompts.update({method: search.system_prompt for method, search in searches.items()})
+    if recipe.evaluation.score_turned_down:
+        prompts.update({turned_down_label(method): search.rejected_system_prompt
+                        for method, search in searches.items() if search.rejected_system_prompt is not None})
+    prompts.update(file_prompts)
+    return prompts
+
 
 def load_tasks(recipe: Recipe, test_task_names: list[str] | None = None):
     """The recipe's suite, or its explicit task lists; `--tasks` replaces the unseen tasks."""

@@ -140,6 +140,7 @@ _LATER_KEYS = (
     ("", "scoring", "generate"),
     ("evaluation", "user_prompts_dir", None),
     ("evaluation", "adapt_test_size", None),
+    ("evaluation", "score_turned_down", False),
     ("search", "guard", False),
     ("search", "validation_size", 0),
     ("search", "guard_margin", 0.0),

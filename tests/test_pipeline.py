@@ -118,3 +118,27 @@ def test_smoke_recipe_end_to_end_on_smollm2(tmp_path, offline_bigbench):
     assert set(data["scores"]["object_counting"]) == {"none", "default", "cot", "outer_only", "sprig", "metaspo"}
     assert data["optimized_system_prompt"]
     assert "object_counting" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("score_turned_down", [False, True])
+def test_a_prompt_the_guard_turned_down_is_scored_on_unseen_tasks_only_when_the_recipe_asks(tmp_path,
+                                                                                           score_turned_down):
+    from metaspo_hf.recipe import load_recipe
+    from metaspo_hf.search import SearchResult
+
+    path = tmp_path / "r.yaml"
+    path.write_text("evaluation: {compare: [default, cot]}\nsearch: {guard: true, validation_size: 2}\n")
+    recipe = load_recipe(str(path), [f"evaluation.score_turned_down={str(score_turned_down).lower()}"])
+    initial = recipe.search.initial_system_prompt
+
+    def search(method, returned, rejected):
+        return SearchResult(method, returned, {}, [], [], {}, {"kept": rejected is None}, rejected)
+
+    searches = {"metaspo": search("metaspo", initial, "Answer from memory."),
+                "outer_only": search("outer_only", "Check every step.", None)}
+    prompts = pipeline.unseen_system_prompts(recipe, searches, {})
+    expected = {"default": "You are a helpful assistant.", "cot": "Let's think step by step.", "metaspo": initial,
+                "outer_only": "Check every step."}
+    if score_turned_down:
+        expected["metaspo_turned_down"] = "Answer from memory."
+    assert prompts == expected

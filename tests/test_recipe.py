@@ -128,26 +128,35 @@ def test_fingerprint_ignores_where_the_run_is_written(tmp_path):
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
-# The search keys that existed when the first run folders were written; any key added since must be in
-# recipe._LATER_KEYS, or every older run folder would stop resuming (its recipe hash would change).
-FIRST_SEARCH_KEYS = {
-    "method", "iterations", "system_candidates", "user_candidates", "top_k", "train_size", "test_size",
-    "wrong_examples", "wrong_examples_per_task", "ape_demos", "ape_demos_per_task", "max_parse_retries",
-    "max_prompt_chars", "initial_system_prompt", "sprig_max_components", "racing", "racing_rounds",
+# The search and evaluation keys that existed when the first run folders were written; any key added since
+# must be in recipe._LATER_KEYS, or every older run folder would stop resuming (its recipe hash would change).
+FIRST_KEYS = {
+    "search": {
+        "method", "iterations", "system_candidates", "user_candidates", "top_k", "train_size", "test_size",
+        "wrong_examples", "wrong_examples_per_task", "ape_demos", "ape_demos_per_task", "max_parse_retries",
+        "max_prompt_chars", "initial_system_prompt", "sprig_max_components", "racing", "racing_rounds",
+    },
+    "evaluation": {"user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates", "compare",
+                   "adapt_compare"},
 }
 
 
-def test_search_keys_added_after_the_first_run_folders_leave_the_fingerprint_alone_at_their_default(tmp_path):
+@pytest.mark.parametrize(("section", "changed"), [("search", "search.system_components=3"),
+                                                  ("evaluation", "evaluation.score_turned_down=true")])
+def test_keys_added_after_the_first_run_folders_leave_the_fingerprint_alone_at_their_default(tmp_path, section,
+                                                                                             changed):
+    from metaspo_hf.evaluation import EvaluationConfig
     from metaspo_hf.recipe import _LATER_KEYS
     from metaspo_hf.search import SearchConfig
 
-    later = {key: default for section, key, default in _LATER_KEYS if section == "search"}
-    assert {f.name for f in dataclasses.fields(SearchConfig)} - FIRST_SEARCH_KEYS == set(later)
+    config = {"search": SearchConfig, "evaluation": EvaluationConfig}[section]
+    later = {key: default for where, key, default in _LATER_KEYS if where == section}
+    assert {f.name for f in dataclasses.fields(config)} - FIRST_KEYS[section] == set(later)
     path = write(tmp_path, "seed: 1\n")
     plain = load_recipe(str(path)).fingerprint()
     for key, default in later.items():
-        assert load_recipe(str(path), [f"search.{key}={json.dumps(default)}"]).fingerprint() == plain
-    assert load_recipe(str(path), ["search.system_components=3"]).fingerprint() != plain
+        assert load_recipe(str(path), [f"{section}.{key}={json.dumps(default)}"]).fingerprint() == plain
+    assert load_recipe(str(path), [changed]).fingerprint() != plain
 
 
 def reference_recipe_folder(tmp_path):

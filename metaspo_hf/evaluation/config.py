@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import MetaspoError
 from ..search.config import require_int
 from .labels import check_labels
 
@@ -34,11 +35,16 @@ class EvaluationConfig:
     # generalization then scores the first user_prompts_per_task of each task's file, the paper's own,
     # instead of prompts written by the optimizer. Relative to the recipe.
     user_prompts_dir: str | None = None
+    # Also score, on the unseen tasks, each searched prompt that the validation guard turned down (labelled
+    # by turned_down_label), to see whether turning it down was right; off: one more prompt to evaluate.
+    score_turned_down: bool = False
 
     def __post_init__(self):
         for name in ("user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates"):
             require_int("evaluation", name, getattr(self, name), minimum=1)
         if self.adapt_test_size is not None:
             require_int("evaluation", "adapt_test_size", self.adapt_test_size, minimum=1)
+        if not isinstance(self.score_turned_down, bool):
+            raise MetaspoError(f"evaluation.score_turned_down must be true or false, got {self.score_turned_down!r}")
         self.compare = check_labels("evaluation.compare", self.compare)
         self.adapt_compare = check_labels("evaluation.adapt_compare", self.adapt_compare)

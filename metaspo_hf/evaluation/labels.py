@@ -3,7 +3,8 @@
 A label is either a fixed baseline prompt (``BASELINE_SYSTEM_PROMPTS``: none, default, cot, service) or
 the name of a search method that writes a system prompt (``search.system_prompt_methods()``: metaspo,
 outer_only, sprig, ...); a run's own prompt is labelled by its method (``result["main_label"]``), or by
-the name of a system-prompt file given with ``--system-prompt``.
+the name of a system-prompt file given with ``--system-prompt``; a searched prompt that the validation
+guard turned down, when the recipe asks for it to be scored, is ``turned_down_label(method)``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ BASELINE_SYSTEM_PROMPTS: dict[str, str] = {
 # The order of the paper's tables: the fixed baselines, the searched baselines, then MetaSPO; other labels
 # (system prompt files, other methods) follow in the order they appear.
 TABLE_ORDER = (*BASELINE_SYSTEM_PROMPTS, "outer_only", "sprig", "metaspo")
+
+
+def turned_down_label(method: str) -> str:
+    """The label of the searched prompt that ``method``'s validation guard turned down
+    (``evaluation.score_turned_down``): its run returns the initial prompt under the method's own label."""
+    return f"{method}_turned_down"
 
 
 def ordered_labels(labels: Iterable[str]) -> list[str]:

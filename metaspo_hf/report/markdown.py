@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..evaluation.labels import turned_down_label
 from ..results import COST_KEYS, STEP_CALL_COUNTS
 from ..runs import RunDir
 from ..stats import describe
@@ -93,12 +94,30 @@ def _verdict_lines(result: dict) -> list[str]:
     guard = result.get("guard", {}).get(main)
     if same and guard and not guard["kept"]:
         sentence = (f"the validation guard turned down `{main}`'s searched prompt ({interval(guard['difference']['overall'])} "
-                    "against the initial prompt on held-out training questions), so the run returns the default system prompt.")
+                    "against the initial prompt on held-out training questions), so the run returns the default system prompt."
+                    + _turned_down_words(comparisons.get(turned_down_label(main))))
     elif same:
         sentence = f"`{main}` returned the default system prompt itself, so there is nothing to tell apart."
     else:
         sentence = describe(comparisons[DEFAULT_LABEL], main, DEFAULT_LABEL)
     return [f"**Result on the unseen tasks:** {sentence}", ""]
+
+
+# The run's prompt minus the one its guard turned down, on unseen items -> what that says of the guard's call.
+_TURNED_DOWN_VERDICTS = {
+    "better": "worse than the prompt returned: turning it down was right",
+    "worse": "better than the prompt returned: turning it down lost a gain",
+    "no difference": "not distinguishable from the prompt returned",
+}
+
+
+def _turned_down_words(comparison: dict | None) -> str:
+    """A sentence on how the turned-down prompt did on the unseen tasks, when the run scored it."""
+    if not comparison:
+        return ""
+    overall = comparison["overall"]
+    return (f" Scored on the unseen tasks all the same, the turned-down prompt was "
+            f"{_TURNED_DOWN_VERDICTS[overall['verdict']]} (returned minus turned down {interval(overall)}).")
 
 
 def _paired_section(result: dict, labels: list[str]) -> list[str]:

@@ -221,3 +221,25 @@ def test_a_guard_that_turned_the_prompt_down_opens_the_report_and_its_table_says
     assert "the validation guard turned down `metaspo`'s searched prompt (+0.125" in lines[2]
     row = next(line for line in lines if line.startswith("| metaspo | +0.125"))
     assert f"| 8 | {needs} | turned down (initial prompt returned) |" in row
+
+
+@pytest.mark.parametrize("turned_down_wins, words", [
+    (False, "the turned-down prompt was worse than the prompt returned: turning it down was right (returned minus "
+            "turned down +0.300"),
+    (True, "the turned-down prompt was better than the prompt returned: turning it down lost a gain (returned minus "
+           "turned down -0.300"),
+])
+def test_a_turned_down_prompt_scored_on_the_unseen_tasks_says_whether_the_guard_was_right(tmp_path, turned_down_wins,
+                                                                                           words):
+    result = paired_result(0.0)
+    result["system_prompts"]["metaspo"] = result["system_prompts"]["default"]
+    held_out = [{"seed": 0, "task": "t", "user_prompt": 0, "question": str(i), "label": label, "score": float(label == "searched"
+                 and i == 0)} for i in range(8) for label in ("searched", "initial")]
+    result["guard"] = {"metaspo": {"kept": False, "margin": 0.0, "rule": "low",
+                                   "difference": paired_difference(held_out, "searched", "initial")}}
+    items = [{"seed": 0, "task": task, "user_prompt": 0, "question": f"q{i}", "label": label,
+              "score": float((i % 10) < (8 if (label == "metaspo_turned_down") == turned_down_wins else 5))}
+             for task in TASKS for i in range(20) for label in ("metaspo", "metaspo_turned_down")]
+    result["comparisons"]["metaspo_turned_down"] = paired_difference(items, "metaspo", "metaspo_turned_down")
+    first = write_report(write_run(tmp_path, result)).read_text().splitlines()[2]
+    assert "so the run returns the default system prompt. Scored on the unseen tasks all the same, " + words in first
