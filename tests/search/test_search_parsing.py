@@ -349,15 +349,20 @@ def test_task_instructions_are_not_taken_for_an_echo(prompt):
     assert parse_prompt(f"<prompt>{prompt}</prompt>", "user", LIMIT).prompt == prompt
 
 
-@pytest.mark.parametrize("reply", [
-    # Seen from Qwen2.5-Coder-1.5B writing user prompts for unseen tasks (knowledge seeds; emotion headroom):
-    "<prompt><template>\nWrite a question that matches the given input, and then answer it with the given output. "
-    "The answer must be one of \"true\" or \"false\".\n</template>\n\n{question}</prompt>",
-    "<prompt><template>\nWhich statement is sarcastic? (a) {question} (b) the question\n</template></prompt>",
+@pytest.mark.parametrize(("reply", "reason"), [
+    # Seen from Qwen2.5-Coder-1.5B writing user prompts for unseen tasks (knowledge seeds; headroom runs):
+    ("<prompt><template>\nWrite a question that matches the given input, and then answer it with the given output. "
+     "The answer must be one of \"true\" or \"false\".\n</template>\n\n{question}</prompt>", "markup tags (<template>)"),
+    ("<prompt><template>\nWhich statement is sarcastic? (a) {question} (b) the question\n</template></prompt>",
+     "markup tags (<template>)"),
+    ("<prompt>Write a question that relates to the given list of objects and produces the provided output.\n\n"
+     "{question}</prompt>", "write a question or code"),
+    ("<prompt>Write a Python function that takes a list of example sentences as input and returns whether each "
+     "is ironic.\n\n{question}</prompt>", "write a question or code"),
 ])
-def test_a_user_prompt_wrapped_in_markup_tags_is_refused(reply):
+def test_a_user_prompt_in_markup_tags_or_asking_for_a_question_or_code_is_refused(reply, reason):
     parsed = parse_prompt(reply, "user", LIMIT)
-    assert parsed.prompt is None and "<template>" in parsed.reason
+    assert parsed.prompt is None and reason in parsed.reason
 
 
 def test_a_system_prompt_with_markup_tags_is_refused_but_may_name_the_answer_tags():
@@ -365,17 +370,6 @@ def test_a_system_prompt_with_markup_tags_is_refused_but_may_name_the_answer_tag
     assert parsed.prompt is None and "<rules>" in parsed.reason
     kept = "Give your final answer as one word inside <answer></answer> tags."
     assert parse_prompt(f"<prompt>{kept}</prompt>", "system", LIMIT).prompt == kept
-
-
-@pytest.mark.parametrize("reply", [
-    "<prompt>Write a question that relates to the given list of objects and produces the provided output.\n\n"
-    "{question}</prompt>",
-    "<prompt>Write a Python function that takes a list of example sentences as input and returns whether each "
-    "is ironic.\n\n{question}</prompt>",
-])
-def test_a_user_prompt_that_asks_for_a_question_or_code_instead_of_the_answer_is_refused(reply):
-    parsed = parse_prompt(reply, "user", LIMIT)
-    assert parsed.prompt is None and "write a question or code" in parsed.reason
 
 
 @pytest.mark.parametrize("prompt", [
