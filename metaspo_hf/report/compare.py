@@ -8,12 +8,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..errors import MetaspoError
-from ..evaluation.labels import ordered_labels
+from ..evaluation.labels import ordered_labels, turned_down_label
 from ..files import write_text_atomic
 from ..results import read_result
 from ..runs import RunDir
 from ..stats import describe, paired_difference, spread
-from .formatting import bold_best, interval, markdown_table, mean_sd, relative_link
+from .formatting import bold_best, guard_rule_words, interval, markdown_table, mean_sd, relative_link
 from .markdown import DEFAULT_LABEL
 from .plots import label_colors, save_png
 from .tables import write_csv
@@ -109,11 +109,11 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     _plot_comparison(summary, out / COMPARISON_PLOT)
 
     report = out / COMPARISON_MD
-    write_text_atomic(report, _comparison_markdown(summary, folders, out))
+    write_text_atomic(report, _comparison_markdown(summary, results, folders, out))
     return report
 
 
-def _comparison_markdown(summary: dict, folders: list[Path], out: Path) -> str:
+def _comparison_markdown(summary: dict, results: list[dict], folders: list[Path], out: Path) -> str:
     labels = list(summary["overall"])
 
     def cells(by_label: dict) -> list[str]:
@@ -146,6 +146,7 @@ def _comparison_markdown(summary: dict, folders: list[Path], out: Path) -> str:
         f"Data: [{COMPARISON_CSV}]({COMPARISON_CSV}).",
         "",
         *_pooled_section(summary),
+        *_guard_section(results, summary["main_label"]),
         "## MetaSPO's margin against seed-to-seed noise",
         "",
     ]
@@ -192,6 +193,35 @@ def _pooled_section(summary: dict) -> list[str]:
             [[label, *(interval(c["tasks"].get(task)) for task in tasks), interval(c["overall"]),
               c["overall"]["verdict"]] for label, c in paired.items()],
         ),
+        "",
+    ]
+
+
+def _guard_section(results: list[dict], main: str) -> list[str]:
+    """Each seed's validation guard call, next to what the unseen tasks said of it (when the run scored it)."""
+    rows = []
+    for r in results:
+        guard = r.get("guard", {}).get(main)
+        if not guard:
+            continue
+        unseen = r.get("comparisons", {})
+        turned_down = unseen.get(turned_down_label(main))
+        rows.append([str(r["seed"]), interval(guard["difference"]["overall"]), guard_rule_words(guard),
+                     "kept" if guard["kept"] else "turned down",
+                     interval(unseen[DEFAULT_LABEL]["overall"]) if unseen.get(DEFAULT_LABEL) else "not scored",
+                     interval(turned_down["overall"]) if turned_down else "not scored"])
+    if not rows:
+        return []
+    return [
+        "## The validation guard in each seed",
+        "",
+        f"Held out: `{main}`'s searched prompt minus the initial one on training questions the search never saw. "
+        f"Unseen: the prompt the run returned minus the default, and minus the prompt the guard turned down "
+        f"(scored only with `evaluation.score_turned_down`); a positive difference against the turned-down "
+        "prompt means turning it down was right.",
+        "",
+        *markdown_table(["seed", "held out", "needs", "decision", "unseen: returned minus default",
+                         "unseen: returned minus turned down"], rows),
         "",
     ]
 

@@ -39,6 +39,15 @@ def mean_sd(mean: float, sd: float, count: str) -> str:
     return f"{mean:.3f} ± {sd:.3f} ({count})"
 
 
+# How each search.guard_rule reads in a table; result.json written before the key existed has no "rule".
+_GUARD_RULE_WORDS = {"mean": "mean", "low": "interval low end"}
+
+
+def guard_rule_words(guard: dict) -> str:
+    """What a validation guard's decision needed, e.g. "interval low end > +0.000"."""
+    return f"{_GUARD_RULE_WORDS[guard.get('rule', 'mean')]} > {guard['margin']:+.3f}"
+
+
 def interval(c: dict | None) -> str:
     return "–" if not c else f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 

@@ -6,7 +6,7 @@ from ..evaluation.labels import turned_down_label
 from ..results import COST_KEYS, STEP_CALL_COUNTS
 from ..runs import RunDir
 from ..stats import describe
-from .formatting import bold_best, fenced, in_order, interval, markdown_table, mean_sd
+from .formatting import bold_best, fenced, guard_rule_words, in_order, interval, markdown_table, mean_sd
 
 # The baseline the report's first sentence compares the run's prompt with.
 DEFAULT_LABEL = "default"
@@ -201,16 +201,12 @@ def _meta_train_section(result: dict, plotted: bool) -> list[str]:
     ]
 
 
-# The guard's rule (search.guard_rule) as the report's "needs" column says it; result.json before the key: mean.
-_GUARD_RULE_WORDS = {"mean": "mean", "low": "interval low end"}
-
-
 def _guard_lines(result: dict) -> list[str]:
     guards = result.get("guard", {})
     if not guards:
         return []
     rows = [[method, interval(g["difference"]["overall"]), str(g["difference"]["overall"]["items"]),
-             f"{_GUARD_RULE_WORDS[g.get('rule', 'mean')]} > {g['margin']:+.3f}",
+             guard_rule_words(g),
              "kept" if g["kept"] else "turned down (initial prompt returned)"]
             for method, g in guards.items()]
     return [

@@ -13,6 +13,7 @@ from synthetic import LABELS, TASKS, synthetic_result
 from metaspo_hf.errors import MetaspoError
 from metaspo_hf.files import write_json_atomic
 from metaspo_hf.report import compare_runs, write_report
+from metaspo_hf.report.formatting import interval
 from metaspo_hf.runs import RunDir
 from metaspo_hf.stats import describe, paired_difference
 
@@ -207,15 +208,28 @@ def test_compare_runs_pools_the_items_of_every_seed(tmp_path):
     assert f"| {o['mean']:+.3f} [{o['low']:+.3f}, {o['high']:+.3f}] | better |" in row
 
 
+def turned_down_guard(rule: str | None = "low") -> dict:
+    """A guard entry that turned down a searched prompt ahead by +0.125 on 8 held-out items, inside the noise."""
+    held_out = [{"seed": 0, "task": "t", "user_prompt": 0, "question": str(i), "label": label,
+                 "score": float(label == "searched" and i == 0)} for i in range(8) for label in ("searched", "initial")]
+    return {"kept": False, "margin": 0.0, "rule": rule, "difference": paired_difference(held_out, "searched", "initial")}
+
+
+def returned_against_turned_down(turned_down_wins: bool) -> dict:
+    """``metaspo`` (the returned prompt) minus ``metaspo_turned_down`` on 60 unseen items: -0.3 or +0.3."""
+    items = [{"seed": 0, "task": task, "user_prompt": 0, "question": f"q{i}", "label": label,
+              "score": float((i % 10) < (8 if (label == "metaspo_turned_down") == turned_down_wins else 5))}
+             for task in TASKS for i in range(20) for label in ("metaspo", "metaspo_turned_down")]
+    return paired_difference(items, "metaspo", "metaspo_turned_down")
+
+
 @pytest.mark.parametrize("rule, needs", [("low", "interval low end > +0.000"), (None, "mean > +0.000")])
 def test_a_guard_that_turned_the_prompt_down_opens_the_report_and_its_table_says_what_it_needed(tmp_path, rule, needs):
     result = paired_result(0.0)
     result["system_prompts"]["metaspo"] = result["system_prompts"]["default"]
-    held_out = [{"seed": 0, "task": "t", "user_prompt": 0, "question": str(i), "label": label, "score": float(label == "searched"
-                 and i == 0)} for i in range(8) for label in ("searched", "initial")]
-    guard = {"kept": False, "margin": 0.0, "difference": paired_difference(held_out, "searched", "initial")}
-    if rule:  # result.json written before search.guard_rule has no "rule": the mean was the rule then
-        guard["rule"] = rule
+    guard = turned_down_guard(rule)
+    if rule is None:  # result.json written before search.guard_rule has no "rule": the mean was the rule then
+        del guard["rule"]
     result["guard"] = {"metaspo": guard}
     lines = write_report(write_run(tmp_path, result)).read_text().splitlines()
     assert "the validation guard turned down `metaspo`'s searched prompt (+0.125" in lines[2]
@@ -233,13 +247,27 @@ def test_a_turned_down_prompt_scored_on_the_unseen_tasks_says_whether_the_guard_
                                                                                            words):
     result = paired_result(0.0)
     result["system_prompts"]["metaspo"] = result["system_prompts"]["default"]
-    held_out = [{"seed": 0, "task": "t", "user_prompt": 0, "question": str(i), "label": label, "score": float(label == "searched"
-                 and i == 0)} for i in range(8) for label in ("searched", "initial")]
-    result["guard"] = {"metaspo": {"kept": False, "margin": 0.0, "rule": "low",
-                                   "difference": paired_difference(held_out, "searched", "initial")}}
-    items = [{"seed": 0, "task": task, "user_prompt": 0, "question": f"q{i}", "label": label,
-              "score": float((i % 10) < (8 if (label == "metaspo_turned_down") == turned_down_wins else 5))}
-             for task in TASKS for i in range(20) for label in ("metaspo", "metaspo_turned_down")]
-    result["comparisons"]["metaspo_turned_down"] = paired_difference(items, "metaspo", "metaspo_turned_down")
+    result["guard"] = {"metaspo": turned_down_guard()}
+    result["comparisons"]["metaspo_turned_down"] = returned_against_turned_down(turned_down_wins)
     first = write_report(write_run(tmp_path, result)).read_text().splitlines()[2]
     assert "so the run returns the default system prompt. Scored on the unseen tasks all the same, " + words in first
+
+
+def test_compare_runs_lists_each_seeds_guard_call_beside_what_the_unseen_tasks_said_of_it(tmp_path):
+    kept = paired_result(0.3)
+    kept["guard"] = {"metaspo": {**turned_down_guard("mean"), "kept": True}}
+    turned_down = paired_result(0.0)
+    turned_down["seed"] = 1
+    turned_down["guard"] = {"metaspo": turned_down_guard("low")}
+    turned_down["comparisons"]["metaspo_turned_down"] = returned_against_turned_down(False)
+    folders = [write_run(tmp_path / f"seed{r['seed']}", r) for r in (kept, turned_down)]
+    text = compare_runs(folders, tmp_path / "comparison").read_text()
+    held_out = interval(turned_down_guard()["difference"]["overall"])
+    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert rows == [
+        f"| 0 | {held_out} | mean > +0.000 | kept | {interval(kept['comparisons']['default']['overall'])} | not scored |",
+        f"| 1 | {held_out} | interval low end > +0.000 | turned down | "
+        f"{interval(turned_down['comparisons']['default']['overall'])} | "
+        f"{interval(turned_down['comparisons']['metaspo_turned_down']['overall'])} |",
+    ]
+    assert interval(turned_down["comparisons"]["metaspo_turned_down"]["overall"]).startswith("+0.300")
