@@ -107,7 +107,8 @@ _ECHOES_REQUEST = re.compile(
 # (seen from a 1.5B optimizer: it turns the request itself into the template).
 _USER_ECHOES_REQUEST = re.compile(
     r"\bwrite (?:a|an|the)\b[^.\n]{0,40}\b(?:prompt|instruction)s?\b|\binput[/ -]output pairs?\b"
-    r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b",
+    r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b|\bcapable assistant\b"
+    r"|\bmatching output\b",
     re.IGNORECASE,
 )
 # A sentence that passes on the reply budget the optimizer was told: the assistant never sees it, and a 1.5B

@@ -319,6 +319,10 @@ def test_a_system_tag_wraps_a_system_prompt_like_the_prompt_tag():
     # Seen in the validity run with the budget-aware meta-prompts (seed 0), for a multiple-choice task:
     "<prompt>You are given an input, and your task is to answer the question asked in the {question} slot. The "
     "answer should be either \"yes\" or \"no\".</prompt>",
+    # Seen in the ethics run (seed 0), for bbq_religion_ambig:
+    "<prompt>Given an input like these, lead a capable assistant to produce the matching output by providing the "
+    "question. The question should be exactly as shown in the input, never for a word inside a sentence.\n\n"
+    "{question}</prompt>",
 ])
 def test_a_user_prompt_that_echoes_the_prompt_writing_request_is_refused(reply):
     parsed = parse_prompt(reply, "user", LIMIT)
