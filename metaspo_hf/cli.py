@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write report.md, CSVs and plots of a run folder")
     p.add_argument("run_dir")
 
-    p = sub.add_parser("compare", help="mean ± sd across run folders (e.g. several seeds)")
+    p = sub.add_parser("compare", help="pool several seeds of one recipe: mean ± sd and the paired interval "
+                                       "(refuses runs whose tasks or settings differ beyond the seed)")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", required=True, help="folder for comparison.md, CSV and plot")
 

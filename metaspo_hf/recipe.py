@@ -9,6 +9,7 @@ Relative paths among the values (``PATH_KEYS``) are relative to the file that ho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -124,15 +125,23 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides a run's results (not where it is written)."""
-        data = self.to_dict()
-        data.pop("output_dir")
-        data.pop("description")
-        # Keys added after run folders existed count only when set, so those folders still resume.
-        for section, key, default in _LATER_KEYS:
-            holder = data[section] if section else data
-            if holder[key] == default:
-                holder.pop(key)
+        data = result_settings(self.to_dict())
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_settings(resolved: dict) -> dict:
+    """The keys of a resolved recipe (``Recipe.to_dict``, a run folder's recipe.yaml) that decide a run's
+    results: not where it is written or how it is described."""
+    data = copy.deepcopy(resolved)
+    data.pop("output_dir", None)
+    data.pop("description", None)
+    # Keys added after run folders existed count only when set, so those folders still resume (and
+    # compare with newer ones, whose recipe.yaml holds the default).
+    for section, key, default in _LATER_KEYS:
+        holder = data.get(section, {}) if section else data
+        if holder.get(key, default) == default:
+            holder.pop(key, None)
+    return data
 
 
 # (section or "" for the top level, key, default) of recipe keys added after the first run folders.

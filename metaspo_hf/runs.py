@@ -350,6 +350,18 @@ class RunDir:
             writer.writerows(rows)
         return self.items_file
 
+    def read_recipe(self) -> dict | None:
+        """The resolved recipe the run was made with; None for a copy of a run folder kept without it."""
+        if not self.recipe_file.exists():
+            return None
+        try:
+            data = yaml.safe_load(self.recipe_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise MetaspoError(f"{self.recipe_file}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise MetaspoError(f"{self.recipe_file}: expected a mapping of recipe sections")
+        return data
+
     def read_items(self) -> list[dict]:
         """The rows of items.csv, typed as written; none for a run without unseen-generalization scores."""
         if not self.items_file.exists():
