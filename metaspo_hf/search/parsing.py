@@ -97,6 +97,16 @@ _SPEAKS_TO_USER = re.compile(
     r"(?:tasks?|questions?|instructions?|examples?|requests?|details?|input|context|prompt)\b",
     re.IGNORECASE,
 )
+# An invitation to ask for clarification ("If you have any questions or need further clarification, please
+# ask."): a scored reply cannot use it, and the 1.5B optimizer appended it to system and user prompts alike.
+_INVITES_QUESTIONS = re.compile(
+    r"\bif you have any (?:other |more |further )?(?:questions|concerns)\b"
+    r"|\b(?:need|want) (?:any )?(?:further|more) clarification\b|\bplease (?:ask|let me know)\b"
+    r"|\bdon'?t hesitate to ask\b",
+    re.IGNORECASE,
+)
+_INVITES_QUESTIONS_REASON = ("it invited questions or requests for clarification, which a scored answer cannot "
+                             "use (tell the assistant how to answer from what it is given)")
 # A system prompt that talks about the prompt-writing job instead of doing the assistant's: it echoes
 # the meta-prompt ("explain why the model made mistakes", "help on new tasks of kinds not seen here").
 _ECHOES_REQUEST = re.compile(
@@ -193,6 +203,8 @@ def _user_address_reason(prompt: str) -> str | None:
     if _SPEAKS_TO_USER.search(prompt):
         return ("it spoke to the user instead of instructing the assistant (write instructions addressed to "
                 "the assistant, in the second person)")
+    if _INVITES_QUESTIONS.search(prompt):
+        return _INVITES_QUESTIONS_REASON
     if _ECHOES_REQUEST.search(prompt):
         return ("it talked about prompts and the model's mistakes instead of telling the assistant how to "
                 "handle a request")
@@ -208,6 +220,8 @@ def _user_prompt_reason(prompt: str) -> str | None:
                 "(write the task instruction itself)")
     if reason := _markup_reason(prompt):
         return reason
+    if _INVITES_QUESTIONS.search(prompt):
+        return _INVITES_QUESTIONS_REASON
     if _USER_ASKS_FOR_OTHER_WORK.search(prompt):
         return ("it asked the assistant to write a question or code instead of answering the input (tell the "
                 "assistant how to find the answer to the question it is given)")

@@ -376,6 +376,21 @@ def test_a_system_prompt_with_markup_tags_is_refused_but_may_name_the_answer_tag
     assert parse_prompt(f"<prompt>{kept}</prompt>", "system", LIMIT).prompt == kept
 
 
+@pytest.mark.parametrize(("kind", "prompt"), [
+    # Written by Qwen2.5-Coder-1.5B: adopted on the ethics suite (seed 1, +1 answer of 64), then turned down
+    # by the guard; and appended to a user prompt of the same run and to reasoning-suite candidates.
+    ("system", "You are a helpful assistant. If you have any questions or need further clarification, please ask."),
+    ("user", "Read the question and the options, then pick the best option.\n\n{question}\n\nIf you have any "
+             "questions or need further clarification, please ask."),
+    ("system", "Answer in a clear and concise manner. If you need further clarification or assistance, please ask."),
+])
+def test_a_prompt_that_invites_questions_is_refused(kind, prompt):
+    parsed = parse_prompt(f"<prompt>{prompt}</prompt>", kind, LIMIT)
+    assert parsed.prompt is None and "invited questions" in parsed.reason
+    kept = "Ask yourself which option the passage supports, then answer.\n\n{question}"
+    assert parse_prompt(f"<prompt>{kept}</prompt>", "user", LIMIT).prompt == kept
+
+
 @pytest.mark.parametrize("prompt", [
     "Decide whether the claim is true or false; if x < y and z > 0 hold, say so.\n\n{question}",
     "Answer the question, then give one word inside <answer></answer> tags.\n\n{question}",
