@@ -252,19 +252,22 @@ def _pooled_section(summary: dict) -> list[str]:
 
 def _guard_section(results: list[dict], main: str) -> list[str]:
     """Each seed's validation guard call, next to what the unseen tasks said of it (when the run scored it)."""
+    if not any(r.get("guard", {}).get(main) for r in results):
+        return []
     rows = []
     for r in results:
         guard = r.get("guard", {}).get(main)
-        if not guard:
-            continue
         unseen = r.get("comparisons", {})
+        against_default = interval(unseen[DEFAULT_LABEL]["overall"]) if unseen.get(DEFAULT_LABEL) else "not scored"
+        if not guard:
+            # Only a search that adopted something has a searched prompt for the guard to check.
+            if not any(step["adopted"] for step in r.get("meta_train", {}).get(main, [])):
+                rows.append([str(r["seed"]), "–", "–", "no call: nothing adopted", against_default, "–"])
+            continue
         turned_down = unseen.get(turned_down_label(main))
         rows.append([str(r["seed"]), interval(guard["difference"]["overall"]), guard_rule_words(guard),
-                     "kept" if guard["kept"] else "turned down",
-                     interval(unseen[DEFAULT_LABEL]["overall"]) if unseen.get(DEFAULT_LABEL) else "not scored",
+                     "kept" if guard["kept"] else "turned down", against_default,
                      interval(turned_down["overall"]) if turned_down else "not scored"])
-    if not rows:
-        return []
     return [
         "## The validation guard in each seed",
         "",

@@ -297,14 +297,19 @@ def test_compare_runs_lists_each_seeds_guard_call_beside_what_the_unseen_tasks_s
     turned_down["seed"] = 1
     turned_down["guard"] = {"metaspo": turned_down_guard("low")}
     turned_down["comparisons"]["metaspo_turned_down"] = returned_against_turned_down(False)
-    folders = [write_run(tmp_path / f"seed{r['seed']}", r) for r in (kept, turned_down)]
+    nothing_adopted = paired_result(0.0)
+    nothing_adopted["seed"] = 2
+    for step in nothing_adopted["meta_train"]["metaspo"]:
+        step["adopted"] = False
+    folders = [write_run(tmp_path / f"seed{r['seed']}", r) for r in (kept, turned_down, nothing_adopted)]
     text = compare_runs(folders, tmp_path / "comparison").read_text()
     held_out = interval(turned_down_guard()["difference"]["overall"])
-    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 2 |"))]
     assert rows == [
         f"| 0 | {held_out} | mean > +0.000 | kept | {interval(kept['comparisons']['default']['overall'])} | not scored |",
         f"| 1 | {held_out} | interval low end > +0.000 | turned down | "
         f"{interval(turned_down['comparisons']['default']['overall'])} | "
         f"{interval(turned_down['comparisons']['metaspo_turned_down']['overall'])} |",
+        f"| 2 | – | – | no call: nothing adopted | {interval(nothing_adopted['comparisons']['default']['overall'])} | – |",
     ]
     assert interval(turned_down["comparisons"]["metaspo_turned_down"]["overall"]).startswith("+0.300")
