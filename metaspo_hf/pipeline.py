@@ -23,7 +23,7 @@ from .models.base import LM, GenerationSettings, make_chat
 from .models.cache import CachedEngine
 from .models.loading import CUDA_QUANTIZATIONS, PACKAGED_MODELS, check_loadable, load_engines, resolve_source
 from .models.parallel import SINGLE, Processes
-from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe
+from .recipe import GenerationSpec, Recipe, list_recipes, load_recipe, setting_shown, settings_differences
 from .reference_files import read_fixed_user_prompts, read_system_prompt
 from .report import compare_runs, write_report
 from .results import build_result
@@ -370,4 +370,18 @@ def report(run_dir: str) -> Path:
 
 
 def compare(run_dirs: list[str], out: str) -> Path:
-    return compare_runs([RunDir.open(d).path for d in run_dirs], out)
+    runs = [RunDir.open(d) for d in run_dirs]
+    # Pooled items measure one thing only if the seeds differ in nothing else (a copy of a run folder
+    # kept without its recipe.yaml is not checked).
+    kept = [(run.path, recipe) for run in runs if (recipe := run.read_recipe()) is not None]
+    for path, recipe in kept[1:]:
+        first_path, first = kept[0]
+        if differing := settings_differences(first, recipe):
+            key = differing[0]
+            raise MetaspoError(
+                f"the runs differ in {key}: {setting_shown(first, key)} in {first_path}, "
+                f"{setting_shown(recipe, key)} in {path}"
+                + (f" (and {len(differing) - 1} more keys)" if len(differing) > 1 else ""),
+                hint="compare seeds whose recipe.yaml differs in the seed alone",
+            )
+    return compare_runs([run.path for run in runs], out)

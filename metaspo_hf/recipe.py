@@ -145,6 +145,41 @@ def result_settings(resolved: dict) -> dict:
 
 
 # (section or "" for the top level, key, default) of recipe keys added after the first run folders.
+def settings_differences(a: dict, b: dict) -> list[str]:
+    """The result-deciding keys ("section.key") in which two resolved recipes differ, other than the seed;
+    a data path counts by its last part, since the same folder sits elsewhere on another machine."""
+    flat_a, flat_b = _comparable(a), _comparable(b)
+    return sorted(key for key in flat_a.keys() | flat_b.keys()
+                  if key != "seed" and flat_a.get(key, _MISSING) != flat_b.get(key, _MISSING))
+
+
+_MISSING = object()
+
+
+def setting_shown(resolved: dict, key: str) -> str:
+    """``key``'s value in a resolved recipe, for a message."""
+    flat = _comparable(resolved)
+    return repr(flat[key]) if key in flat else "not set"
+
+
+def _comparable(resolved: dict) -> dict:
+    flat = _dotted(result_settings(resolved))
+    for section, key in PATH_KEYS:
+        if isinstance(flat.get(f"{section}.{key}"), str):
+            flat[f"{section}.{key}"] = Path(flat[f"{section}.{key}"]).name
+    return flat
+
+
+def _dotted(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 _LATER_KEYS = (
     ("", "scoring", "generate"),
     ("evaluation", "user_prompts_dir", None),

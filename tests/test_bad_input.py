@@ -220,6 +220,19 @@ def test_resume_of_a_run_made_by_another_recipe(tmp_path, capsys):
     assert sorted(p.name for p in existing.iterdir()) == before  # the other run is left untouched
 
 
+def test_compare_of_seeds_made_with_other_settings(tmp_path, capsys):
+    from metaspo_hf.recipe import load_recipe
+    from metaspo_hf.runs import RunDir
+
+    folders = []
+    for seed, suite in ((1, "bigbench-ethics"), (2, "bigbench-knowledge")):
+        made = load_recipe(recipe(tmp_path, TINY_SEARCH), [f"seed={seed}", f"tasks.suite={suite}"])
+        folders.append(str(RunDir.create(tmp_path / f"seed{seed}", made.name, made.to_dict(), made.fingerprint()).path))
+    line = run_and_check(capsys, tmp_path, ["compare", *folders, "--out", str(tmp_path / "comparison")],
+                         "the runs differ in tasks.suite: 'bigbench-ethics' in")
+    assert "'bigbench-knowledge' in" in line and not (tmp_path / "comparison").exists()
+
+
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     run_and_check(capsys, tmp_path, ["report", str(tmp_path / "plain")], "is not a run folder")

@@ -234,3 +234,27 @@ def test_base_recipe_never_silently_disagrees_with_the_dataclass_defaults():
 
     walk(yaml.safe_load(base.read_text()), defaults, ())
     assert dataclasses.is_dataclass(Recipe)
+
+
+def test_settings_differences_ignore_the_seed_where_data_sits_and_unrecorded_later_keys_at_their_default():
+    from metaspo_hf.recipe import setting_shown, settings_differences
+
+    def resolved(seed, **changes):
+        data = load_recipe("smoke", [f"seed={seed}"]).to_dict()
+        for dotted, value in changes.items():
+            section, key = dotted.split(".")
+            if value is None:
+                data[section].pop(key)  # a run folder written before the key existed
+            else:
+                data[section][key] = value
+        return data
+
+    same = settings_differences(resolved(1, **{"tasks.data_dir": "/checkout-1/data", "search.guard_rule": None}),
+                                resolved(2, **{"tasks.data_dir": "/elsewhere/data", "search.guard_rule": "mean"}))
+    assert same == []
+    older, newer = resolved(1, **{"search.guard_rule": None}), resolved(2, **{"search.guard_rule": "low"})
+    assert settings_differences(older, newer) == ["search.guard_rule"]
+    assert (setting_shown(older, "search.guard_rule"), setting_shown(newer, "search.guard_rule")) == ("not set", "'low'")
+    assert settings_differences(resolved(1, **{"tasks.suite": "bigbench-ethics"}),
+                                resolved(1, **{"tasks.suite": "bigbench-knowledge", "search.test_size": 99})) == [
+        "search.test_size", "tasks.suite"]

@@ -10,7 +10,6 @@ from matplotlib.figure import Figure
 from ..errors import MetaspoError
 from ..evaluation.labels import ordered_labels, turned_down_label
 from ..files import write_text_atomic
-from ..recipe import PATH_KEYS, result_settings
 from ..results import read_result
 from ..runs import RunDir
 from ..stats import describe, paired_difference, spread
@@ -84,7 +83,7 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
             f"the runs were made by different recipes ({', '.join(recipes)})",
             hint="compare seeds of one recipe at a time",
         )
-    _check_same_settings(folders, results)
+    _check_same_tasks(folders, results)
     seeds = [r["seed"] for r in results]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
@@ -115,9 +114,9 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     return report
 
 
-def _check_same_settings(folders: list[Path], results: list[dict]) -> None:
-    """Pooling is only sound for seeds of the same settings: the same unseen tasks, and resolved recipes
-    (where a folder keeps its recipe.yaml) that differ in the seed alone."""
+def _check_same_tasks(folders: list[Path], results: list[dict]) -> None:
+    """Pooling is only sound for seeds that scored the same unseen tasks (the recipe settings are checked
+    by the caller, ``pipeline.compare``)."""
     tasks = [sorted(result["scores"]) for result in results]
     for folder, names in zip(folders[1:], tasks[1:], strict=True):
         if names != tasks[0]:
@@ -126,44 +125,6 @@ def _check_same_settings(folders: list[Path], results: list[dict]) -> None:
                 f"{', '.join(names)} in {folder}",
                 hint="compare seeds of one task suite at a time",
             )
-    kept = [(folder, RunDir(folder).read_recipe()) for folder in folders]
-    settings = [(folder, _comparable(recipe)) for folder, recipe in kept if recipe is not None]
-    for folder, values in settings[1:]:
-        first_folder, first = settings[0]
-        differing = sorted(key for key in first.keys() | values.keys()
-                           if key != "seed" and first.get(key) != values.get(key))
-        if differing:
-            key = differing[0]
-            raise MetaspoError(
-                f"the runs differ in {key}: {_shown(first, key)} in {first_folder}, {_shown(values, key)} in {folder}"
-                + (f" (and {len(differing) - 1} more keys)" if len(differing) > 1 else ""),
-                hint="compare seeds whose recipe.yaml differs in the seed alone",
-            )
-
-
-def _shown(settings: dict, key: str) -> str:
-    return repr(settings[key]) if key in settings else "not set"
-
-
-def _comparable(recipe: dict) -> dict:
-    """A run's result settings as {"section.key": value}; a data path by its last part, since the same
-    folder sits elsewhere in another checkout or on another machine."""
-    flat = _dotted(result_settings(recipe))
-    for section, key in PATH_KEYS:
-        if isinstance(flat.get(f"{section}.{key}"), str):
-            flat[f"{section}.{key}"] = Path(flat[f"{section}.{key}"]).name
-    return flat
-
-
-def _dotted(data: dict, prefix: str = "") -> dict:
-    """A nested mapping as {"section.key": value}."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _comparison_markdown(summary: dict, results: list[dict], folders: list[Path], out: Path) -> str:
