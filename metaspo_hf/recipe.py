@@ -144,16 +144,15 @@ def result_settings(resolved: dict) -> dict:
     return data
 
 
-# (section or "" for the top level, key, default) of recipe keys added after the first run folders.
+_MISSING = object()
+
+
 def settings_differences(a: dict, b: dict) -> list[str]:
     """The result-deciding keys ("section.key") in which two resolved recipes differ, other than the seed;
     a data path counts by its last part, since the same folder sits elsewhere on another machine."""
     flat_a, flat_b = _comparable(a), _comparable(b)
     return sorted(key for key in flat_a.keys() | flat_b.keys()
                   if key != "seed" and flat_a.get(key, _MISSING) != flat_b.get(key, _MISSING))
-
-
-_MISSING = object()
 
 
 def setting_shown(resolved: dict, key: str) -> str:
@@ -180,6 +179,7 @@ def _dotted(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+# (section or "" for the top level, key, default) of recipe keys added after the first run folders.
 _LATER_KEYS = (
     ("", "scoring", "generate"),
     ("evaluation", "user_prompts_dir", None),
