@@ -151,6 +151,7 @@ def _execute(recipe: Recipe, suite, run_dir: RunDir, processes: Processes, phase
         searches=searches,
         costs=costs(base, optimizer, engines, time.perf_counter() - started),
         wall_seconds=round(time.perf_counter() - started, 2),
+        earlier_processes_seconds=run_dir.process_seconds()[:-1],
     )
     run_dir.write_json(RunDir.RESULT, result)
     on_event({"event": "done", "wall_seconds": result["wall_seconds"]})

@@ -44,6 +44,7 @@ def build_result(
     searches: dict[str, SearchResult],
     costs: dict,
     wall_seconds: float,
+    earlier_processes_seconds: list[float],
 ) -> dict:
     """result.json's content: the run's parts, with what follows from them (the optimized prompt, the
     overall scores, each search's history and validation guard)."""
@@ -64,6 +65,8 @@ def build_result(
                   for name, search in searches.items() if search.guard},
         "costs": costs,
         "wall_seconds": wall_seconds,
+        # A resumed run's earlier processes (events.jsonl), so its report states all the time it took.
+        "earlier_processes_seconds": earlier_processes_seconds,
     }
 
 
@@ -105,6 +108,9 @@ def validate_result(obj: Any, source: str = RunDir.RESULT) -> dict:
         check.field(obj, key, STRING)
     check.field(obj, "seed", INTEGER)
     check.field(obj, "wall_seconds", NUMBER)
+    if "earlier_processes_seconds" in obj:  # absent from results written before resumes were timed
+        for i, seconds in enumerate(check.field(obj, "earlier_processes_seconds", LIST)):
+            check.value(seconds, f"earlier_processes_seconds.{i}", NUMBER)
     for label in check.field(obj, "system_prompts", OBJECT):
         check.field(obj["system_prompts"], label, STRING, "system_prompts.")
     for task in check.field(obj, "scores", OBJECT):

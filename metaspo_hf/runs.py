@@ -325,6 +325,18 @@ class RunDir:
                 ) from None
         return events
 
+    def process_seconds(self) -> list[float]:
+        """Wall seconds of each process that worked in this folder, oldest first, from the event log: each
+        one's "start" to its last logged event (where a killed process stopped; pauses count)."""
+        spans: list[list[datetime]] = []
+        for event in self.events():
+            stamp = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+            if event.get("event") == "start":
+                spans.append([stamp, stamp])
+            elif spans and event.get("event") != "lock_taken_over":  # logged by the next process, on opening
+                spans[-1][1] = stamp
+        return [round((end - begin).total_seconds(), 2) for begin, end in spans]
+
     def _drop_torn_event(self) -> None:
         # A kill during `log` can leave a last line without its newline; appending after it would glue
         # the next event onto it, so it is cut off before the run continues.

@@ -19,7 +19,7 @@ def report_markdown(result: dict, labels: list[str], plotted: dict[str, bool]) -
         "",
         *_verdict_lines(result),
         f"Model `{result['model']}`, method `{result['method']}`, seed {result['seed']}; "
-        f"total wall time {_duration(result['wall_seconds'])}.",
+        f"total wall time {_wall_time(result)}.",
         "",
         "## Optimized system prompt",
         "",
@@ -220,10 +220,10 @@ def _guard_lines(result: dict) -> list[str]:
 
 
 def _costs_section(result: dict) -> list[str]:
-    costs, wall = result["costs"], result["wall_seconds"]
+    costs = result["costs"]
     rows = [[key.replace("_", " "), _count(costs[key])] for key in COST_KEYS if key != "seconds"]
     rows.append(["generation seconds", f"{costs['seconds']:.1f}"])
-    rows.append(["total wall time", f"{_duration(wall)} ({wall:.1f} s)"])
+    rows.append(["total wall time", _wall_time(result)])
     return markdown_table(["counter", "value"], rows)
 
 
@@ -235,6 +235,15 @@ def _prompts_section(result: dict, labels: list[str]) -> list[str]:
         body = fenced(text or "(empty: no system turn)")
         lines += [f"<details><summary>{label}</summary>", "", *body, "", "</details>", ""]
     return lines
+
+
+def _wall_time(result: dict) -> str:
+    wall, earlier = result["wall_seconds"], result.get("earlier_processes_seconds", [])
+    if not earlier:
+        return f"{_duration(wall)} ({wall:.1f} s)"
+    return (f"{_duration(wall + sum(earlier))} over {len(earlier) + 1} processes (resumed: this one "
+            f"{_duration(wall)}; before it {', '.join(_duration(s) for s in earlier)}, from events.jsonl, "
+            "where a pause counts)")
 
 
 def _duration(seconds: float) -> str:

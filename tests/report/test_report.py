@@ -199,6 +199,12 @@ def test_a_run_that_returned_the_default_prompt_says_so(tmp_path):
     assert "returned the default system prompt itself" in text.splitlines()[2]
 
 
+def test_a_resumed_run_states_the_time_of_every_process(tmp_path):
+    result = {**synthetic_result(), "wall_seconds": 416.0, "earlier_processes_seconds": [4380.0]}
+    text = write_report(write_run(tmp_path, result)).read_text()
+    assert "total wall time 1:19:56 over 2 processes (resumed: this one 0:06:56; before it 1:13:00," in text
+
+
 def test_compare_runs_pools_the_items_of_every_seed(tmp_path):
     folders, rows = [], []
     for seed in (1, 2):

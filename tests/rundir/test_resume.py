@@ -15,7 +15,7 @@ import pytest
 from fixtures.fake_bigbench import write_fake_bigbench
 
 # Everything in result.json except wall-clock figures and the cache-hit counter must match.
-CLOCK_KEYS = ("wall_seconds", "costs")
+CLOCK_KEYS = ("wall_seconds", "earlier_processes_seconds", "costs")
 SHORT_TASKS = "tasks.meta_train=[bigbench:navigate,logical_deduction]"
 
 
@@ -84,6 +84,7 @@ def check_kill_and_resume(tmp_path, env, overrides, points, monkeypatch):
     reference = tmp_path / "reference"
     subprocess.run(command(reference, *overrides), env=env, check=True, capture_output=True)
     expected = comparable(reference)
+    assert json.loads((reference / "result.json").read_text())["earlier_processes_seconds"] == []
     # Equal results prove little when every prompt is a fixed initial one: the optimizer's own must replay.
     assert optimizer_written(reference, env, monkeypatch), "the reference run kept no optimizer-written prompt"
     fresh_made, fresh_hits = cache_totals(reference)
@@ -100,6 +101,8 @@ def check_kill_and_resume(tmp_path, env, overrides, points, monkeypatch):
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         where = f"kill point {index} (after event {event_count})"
         assert comparable(run_dir) == expected, where
+        earlier = json.loads((run_dir / "result.json").read_text())["earlier_processes_seconds"]
+        assert len(earlier) == 1 and earlier[0] >= 0, f"{where}: the killed process's time is not in the result"
         for name in ("nodes.json", "user_prompts.json"):
             assert (run_dir / name).read_text() == (reference / name).read_text(), f"{where}: {name}"
         made_after, hits_after = cache_totals(run_dir)

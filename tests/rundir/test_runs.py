@@ -110,6 +110,17 @@ def test_a_torn_last_event_is_ignored_then_cut_on_reopen(tmp_path):
     assert [e["event"] for e in resumed.events()] == ["a", "c"]
 
 
+def test_process_seconds_spans_each_start_to_that_process_s_last_event(tmp_path):
+    run = make_run(tmp_path)
+    with open(run.events_file, "w") as fh:
+        for time, name in (("2026-12-03T07:56:40.000Z", "start"), ("2026-12-03T08:30:00.500Z", "step"),
+                           ("2026-12-03T09:09:40.000Z", "step"),  # then killed
+                           ("2026-12-03T09:28:59.000Z", "lock_taken_over"),  # by the next process
+                           ("2026-12-03T09:29:00.000Z", "start"), ("2026-12-03T09:36:00.000Z", "done")):
+            fh.write(json.dumps({"time": time, "event": name}) + "\n")
+    assert run.process_seconds() == [73 * 60.0, 7 * 60.0]
+
+
 def test_atomic_write_leaves_no_temporary_file_even_when_it_fails(tmp_path):
     path = tmp_path / "result.json"
     write_json_atomic(path, {"score": 1})
