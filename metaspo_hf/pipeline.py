@@ -279,6 +279,13 @@ def _describe(event: dict) -> str:
         generated = ", ".join(event["generated_tasks"]) or "none"
         return (f"scoring: {event['scoring']} on the multiple-choice tasks ({', '.join(event['loglik_tasks']) or 'none'}); "
                 f"tasks that are not multiple choice fall back to generation: {generated}")
+    if name == "user_prompts_written":
+        counts = ", ".join(f"{task} {count}" for task, count in event["prompts_per_task"].items())
+        refused = "; ".join(f"{reason}: {count}" for reason, count in event.get("refused_because", {}).items())
+        added = ", ".join(event.get("initial_prompt_added", []))
+        return (f"user prompts for the unseen tasks: {counts}; {event['optimizer_calls']} optimizer calls"
+                + (f"; {event['parse_failures']} refused after every re-ask ({refused})" if refused else "")
+                + (f"; the initial prompt added for {added}" if added else ""))
     if name == "unseen_generalization":
         scores = ", ".join(f"{label} {mean:.3f}" for label, mean in event["scores"].items())
         return f"unseen {event['task']}: {scores}"

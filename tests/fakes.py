@@ -65,8 +65,9 @@ def is_analysis_request(request: str) -> bool:
 
 
 def is_user_prompt_request(request: str) -> bool:
-    # Every request for a user prompt tells the optimizer about the slot; system-prompt requests never do.
-    return "{question}" in request
+    # Requests for a user prompt mention the slot, except APE's for one task, which asks for its instruction;
+    # system-prompt requests do neither.
+    return "{question}" in request or "What instruction were these outputs following?" in request
 
 
 def candidate_id(chat, settings: GenerationSettings, k: int) -> int:

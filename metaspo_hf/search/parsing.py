@@ -116,7 +116,8 @@ _ECHOES_REQUEST = re.compile(
 # A user prompt that repeats the prompt-writing request instead of instructing the assistant on the task
 # (seen from a 1.5B optimizer: it turns the request itself into the template).
 _USER_ECHOES_REQUEST = re.compile(
-    r"\bwrite (?:a|an|the)\b[^.\n]{0,40}\b(?:prompt|instruction)s?\b|\binput[/ -]output pairs?\b"
+    r"\b(?:write|generate|create) (?:a|an|the)\b[^.\n]{0,40}\b(?:prompt|instruction)s?\b|\binput[/ -]output pairs?\b"
+    r"|\binputs? and (?:their |the )?(?:expected |corresponding |matching )?outputs?\b"
     r"|\bline is appended\b|\bslot\b|\bprompt template\b|\bfix(?:es)? the problem\b|\bcapable assistant\b"
     r"|\bmatching output\b",
     re.IGNORECASE,
@@ -158,10 +159,12 @@ class Parsed:
 
 
 def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = (),
-                 ignore: frozenset[tuple[str, ...]] = frozenset()) -> Parsed:
+                 ignore: frozenset[tuple[str, ...]] = frozenset(),
+                 request: frozenset[tuple[str, ...]] = frozenset()) -> Parsed:
     """The prompt in an optimizer reply; ``kind`` is "user" (needs the slot) or "system"; ``shown``: the
     questions the request showed (the prompt must not quote them); ``ignore``: word runs that may be
-    quoted all the same (``shared_runs`` of the task's questions)."""
+    quoted all the same (``shared_runs`` of the task's questions); ``request``: word runs of our own
+    request wording, which a user prompt must not repeat."""
     blocks = tagged_blocks(text, PROMPT_TAG) or [_without_tagged_blocks(text)]
     cut_off = _cut_off(text)
     reasons = []
@@ -181,7 +184,8 @@ def parse_prompt(text: str, kind: str, max_chars: int, shown: Sequence[str] = ()
                 prompt = fix_slot(prompt)  # the slot may have sat in a dropped sentence
             reason = _BUDGET_REASON if prompt is None else (
                 _quoted_reason(prompt, shown, ignore)
-                or (_user_address_reason(prompt) if kind == "system" else _user_prompt_reason(prompt)))
+                or (_user_address_reason(prompt) if kind == "system"
+                    else _user_prompt_reason(prompt) or _echo_reason(prompt, request, ignore)))
         if reason is None:
             return Parsed(prompt)
         reasons.append(reason)
@@ -211,13 +215,16 @@ def _user_address_reason(prompt: str) -> str | None:
     return None
 
 
+_USER_ECHO_REASON = ("it repeated the request for a prompt instead of telling the assistant how to do the task "
+                     "(write the task instruction itself)")
+
+
 def _user_prompt_reason(prompt: str) -> str | None:
     if _word_count(prompt) < MIN_INSTRUCTION_WORDS:
         return (f"it held no instruction besides {QUESTION_SLOT} (say what the assistant should do with the "
                 "question)")
     if _USER_ECHOES_REQUEST.search(prompt):
-        return ("it repeated the request for a prompt instead of telling the assistant how to do the task "
-                "(write the task instruction itself)")
+        return _USER_ECHO_REASON
     if reason := _markup_reason(prompt):
         return reason
     if _INVITES_QUESTIONS.search(prompt):
@@ -375,22 +382,29 @@ def _word_count(prompt: str) -> int:
 
 def _quoted_reason(prompt: str, shown: Sequence[str], ignore: frozenset[tuple[str, ...]]) -> str | None:
     """Why a prompt is tied to particular questions: it quotes one of the ``shown`` ones."""
-    runs = _word_runs(prompt) - ignore
-    if any(runs & _word_runs(text) for text in shown):
+    runs = word_runs(prompt) - ignore
+    if any(runs & word_runs(text) for text in shown):
         return f"it quoted {COPIED_WORDS} or more words of an example question (a prompt must fit every question)"
     return None
+
+
+def _echo_reason(prompt: str, request: frozenset[tuple[str, ...]], ignore: frozenset[tuple[str, ...]]) -> str | None:
+    """A user prompt that repeats a run of our request's words (however the request is worded) hands our
+    instructions to the scored model as its task."""
+    return _USER_ECHO_REASON if (word_runs(prompt) - ignore) & request else None
 
 
 def shared_runs(questions: Sequence[str]) -> frozenset[tuple[str, ...]]:
     """Word runs found in at least two of ``questions``: a task's own instructions, not one question."""
     seen: dict[tuple[str, ...], int] = {}
     for text in questions:
-        for run in _word_runs(text):
+        for run in word_runs(text):
             seen[run] = seen.get(run, 0) + 1
     return frozenset(run for run, count in seen.items() if count >= 2)
 
 
-def _word_runs(text: str) -> set[tuple[str, ...]]:
+def word_runs(text: str) -> set[tuple[str, ...]]:
+    """Every run of ``COPIED_WORDS`` consecutive words of ``text``, lowercased."""
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {tuple(words[i : i + COPIED_WORDS]) for i in range(len(words) - COPIED_WORDS + 1)}
 

@@ -5,6 +5,7 @@ Every request is a chat with the same optimizer system turn, so the engine share
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 from string import Template
@@ -12,6 +13,7 @@ from string import Template
 from ..models.base import Chat, make_chat
 from ..scoring import WrongExample
 from ..tasks.task import Example
+from .parsing import word_runs
 
 # Long questions and rambling responses are cut so that many failures fit in a small model's context.
 MAX_QUESTION_CHARS = 1500
@@ -24,6 +26,21 @@ def template(name: str) -> str:
     return (
         resources.files(__package__).joinpath("templates", f"{name}.txt").read_text(encoding="utf-8").strip()
     )
+
+
+# Templates whose sentences are meant to end up in prompts: the SPRIG component pool.
+_PROMPT_MATERIAL = {"sprig_components"}
+
+
+@cache
+def request_word_runs() -> frozenset[tuple[str, ...]]:
+    """Word runs of our own request wording (every template's text between its fields): a user prompt that
+    repeats one hands our instructions to the scored model as its task (parsing.parse_prompt)."""
+    names = [path.name.removesuffix(".txt") for path in resources.files(__package__).joinpath("templates").iterdir()
+             if path.name.endswith(".txt")]
+    pieces = [piece for name in names if name not in _PROMPT_MATERIAL
+              for piece in re.split(r"\$\{?\w+\}?", template(name))]
+    return frozenset(run for piece in pieces for run in word_runs(piece))
 
 
 def _request(name: str, **fields: str) -> Chat:

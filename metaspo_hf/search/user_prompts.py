@@ -39,11 +39,12 @@ def write_user_prompts(
     texts = writer.prompts([prompts.ape_user(shown) for _, shown in jobs], "user", "unseen",
                            shown=[[ex.question for ex in shown] for _, shown in jobs],
                            ignore=[shared_runs([ex.question for ex in task.train]) for task, _ in jobs])
-    written = {}
+    written, topped_up = {}, []
     for i, task in enumerate(tasks):
         kept = list(dict.fromkeys(t for t in texts[i * n : (i + 1) * n] if t is not None))
         if len(kept) < n:
             kept = list(dict.fromkeys([*kept, task.initial_prompt]))
+            topped_up.append(task.name)
         written[task.name] = kept
     if on_event:
         on_event(
@@ -51,6 +52,9 @@ def write_user_prompts(
                 "event": "user_prompts_written",
                 "prompts_per_task": {k: len(v) for k, v in written.items()},
                 **writer.counts(),
+                # Which tasks got their initial prompt for want of written ones, and why replies were refused.
+                "initial_prompt_added": topped_up,
+                "refused_because": dict(writer.failure_reasons),
             }
         )
     return written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from ..models.base import LM, Chat, stable_hash
 from . import prompts
 from .parsing import parse_analysis, parse_prompt
@@ -26,6 +28,7 @@ class PromptWriter:
         self.batches = 0
         self.retries = 0  # rows re-asked because their reply was unusable
         self.failures = 0  # rows still unusable after every re-ask (their parent is kept)
+        self.failure_reasons: Counter[str] = Counter()  # why, as the last re-ask's reply was refused
 
     def generate(self, chats: list[Chat], *step: object) -> list[str]:
         if not chats:
@@ -53,8 +56,9 @@ class PromptWriter:
         """
         shown = shown or [[] for _ in chats]
         ignore = ignore or [frozenset() for _ in chats]
+        request = prompts.request_word_runs() if kind == "user" else frozenset()
         parsed = [
-            parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i])
+            parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i], request)
             for i, text in enumerate(self.generate(chats, *step, "write"))
         ]
         for attempt in range(1, self.max_parse_retries + 1):
@@ -64,8 +68,11 @@ class PromptWriter:
             self.retries += len(failed)
             retry_chats = [prompts.with_format_reminder(chats[i], parsed[i].reason, kind) for i in failed]
             for i, text in zip(failed, self.generate(retry_chats, *step, "retry", attempt), strict=True):
-                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i])
-        self.failures += sum(p.prompt is None for p in parsed)
+                parsed[i] = parse_prompt(text, kind, self.max_prompt_chars, shown[i], ignore[i], request)
+        for p in parsed:
+            if p.prompt is None:
+                self.failures += 1
+                self.failure_reasons[p.reason.split(" (")[0]] += 1
         return [p.prompt for p in parsed]
 
     def counts(self) -> dict:

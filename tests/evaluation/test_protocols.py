@@ -53,11 +53,15 @@ def test_write_user_prompts_drops_failures_and_duplicates_and_fills_in_with_the_
 
     optimizer = LM(FakeEngine(respond), GenerationSettings(temperature=1.0), "optimizer")
     tasks = [make_task("a"), make_task("b")]
+    events = []
     written = search.write_user_prompts(
-        tasks, optimizer, n=3, seed=0, demos=2, search=SearchConfig(max_parse_retries=1)
+        tasks, optimizer, n=3, seed=0, demos=2, search=SearchConfig(max_parse_retries=1), on_event=events.append
     )
     assert written == {"a": ["Same prompt for a: {question}", tasks[0].initial_prompt], "b": [tasks[1].initial_prompt]}
     assert batch_sizes(optimizer) == [6, 3]  # b's three refusals are re-asked once, together
+    (event,) = events
+    assert event["initial_prompt_added"] == ["a", "b"] and event["parse_failures"] == 3
+    assert event["refused_because"] == {"it was a refusal": 3}
 
 
 def test_user_prompts_round_trip_and_bad_files_are_named(tmp_path):

@@ -323,6 +323,9 @@ def test_a_system_tag_wraps_a_system_prompt_like_the_prompt_tag():
     "<prompt>Given an input like these, lead a capable assistant to produce the matching output by providing the "
     "question. The question should be exactly as shown in the input, never for a word inside a sentence.\n\n"
     "{question}</prompt>",
+    # Seen in a probe of the plainer APE request (ethics, seed 0), for simple_ethical_questions:
+    "<prompt>Given a set of inputs and their expected outputs, determine what the general instruction is. Then, "
+    "generate a general prompt that would lead to the same outputs.</prompt>",
 ])
 def test_a_user_prompt_that_echoes_the_prompt_writing_request_is_refused(reply):
     parsed = parse_prompt(reply, "user", LIMIT)
@@ -398,3 +401,35 @@ def test_a_prompt_that_invites_questions_is_refused(kind, prompt):
 ])
 def test_comparisons_answer_tags_and_questions_about_code_are_not_refused(prompt):
     assert parse_prompt(f"<prompt>{prompt}</prompt>", "user", LIMIT).prompt == prompt
+
+
+def test_a_user_prompt_that_repeats_our_request_in_other_words_than_the_known_echoes_is_refused():
+    # A reply of the 1.5B optimizer to the ape_user request: it restates the request, in words no fixed
+    # pattern lists, and a scored model would take it as its task.
+    from metaspo_hf.search.prompts import request_word_runs, template
+
+    request = request_word_runs()
+    echo = ("<prompt>Given a sequence of examples, identify the instruction that they follow. The instruction "
+            "should describe what the assistant should work out and how to choose its answer.</prompt>")
+    assert "should work out and how to choose its answer" in template("ape_user")
+    assert parse_prompt(echo, "user", LIMIT).prompt, "no fixed pattern catches it"
+    parsed = parse_prompt(echo, "user", LIMIT, request=request)
+    assert parsed.prompt is None and "repeated the request" in parsed.reason
+    own = "<prompt>Read the scenario and pick the option a careful, fair person would choose.</prompt>"
+    assert parse_prompt(own, "user", LIMIT, request=request).prompt
+    # Wording the task's own questions share may be repeated, even where a request says the same.
+    shared = ("what the assistant should work out and how to choose its answer",) * 2
+    assert parse_prompt(echo, "user", LIMIT, ignore=shared_runs(shared), request=request).prompt
+
+
+def test_request_wording_covers_every_template_but_the_component_pool():
+    from metaspo_hf.search.parsing import word_runs
+    from metaspo_hf.search.prompts import request_word_runs, template
+
+    request = request_word_runs()
+    role = template("optimizer_role")
+    assert word_runs(role) <= request
+    pool = [line for line in template("sprig_components").splitlines() if len(line.split()) >= 8]
+    assert pool and not any(word_runs(line) <= request for line in pool), "pool sentences are prompt material"
+    # No run spans a field: the text around "$demos" is two pieces.
+    assert not any("demos" in run for run in request)
