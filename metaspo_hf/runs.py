@@ -327,10 +327,18 @@ class RunDir:
 
     def process_seconds(self) -> list[float]:
         """Wall seconds of each process that worked in this folder, oldest first, from the event log: each
-        one's "start" to its last logged event (where a killed process stopped; pauses count)."""
+        one's "start" to its last logged event (where a killed process stopped; pauses count). A log
+        edited by hand times nothing: this is asked at the end of a run, whose result matters more."""
+        try:
+            events = self.events()
+        except MetaspoError:
+            return []
         spans: list[list[datetime]] = []
-        for event in self.events():
-            stamp = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+        for event in events:
+            try:
+                stamp = datetime.fromisoformat(str(event.get("time")).replace("Z", "+00:00"))
+            except ValueError:
+                continue
             if event.get("event") == "start":
                 spans.append([stamp, stamp])
             elif spans and event.get("event") != "lock_taken_over":  # logged by the next process, on opening

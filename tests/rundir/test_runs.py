@@ -119,6 +119,12 @@ def test_process_seconds_spans_each_start_to_that_process_s_last_event(tmp_path)
                            ("2026-12-03T09:29:00.000Z", "start"), ("2026-12-03T09:36:00.000Z", "done")):
             fh.write(json.dumps({"time": time, "event": name}) + "\n")
     assert run.process_seconds() == [73 * 60.0, 7 * 60.0]
+    with open(run.events_file, "a") as fh:
+        fh.write('{"event": "step"}\n')  # no time: skipped
+    assert run.process_seconds() == [73 * 60.0, 7 * 60.0]
+    with open(run.events_file, "a") as fh:
+        fh.write("not json\n")  # edited by hand: the run still ends, untimed
+    assert run.process_seconds() == []
 
 
 def test_atomic_write_leaves_no_temporary_file_even_when_it_fails(tmp_path):
