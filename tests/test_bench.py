@@ -18,7 +18,7 @@ from metaspo_hf.bench import gguf as bench_gguf
 from metaspo_hf.bench import llama_cpp, matmul, parallel, w1, w4
 from metaspo_hf.cli import build_parser
 from metaspo_hf.errors import MetaspoError
-from metaspo_hf.models import quantized
+from metaspo_hf.models import decode_kernel, quantized
 from metaspo_hf.models.base import GenerationSettings
 from metaspo_hf.models.engine import HFEngine
 from metaspo_hf.models.loading import ModelSpec
@@ -75,7 +75,11 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         w1.QUICK.chats, w1.QUICK.new_tokens, 2, 1)
     assert 0 < work["shared_prefix_tokens"] < work["prompt_tokens_mean"]
     variants = w1_section["variants"]
-    assert list(variants) == ["naive", "batched", "engine", "engine_bf16", *w1.INT8_VARIANTS, "llama_cpp"]
+    assert list(variants) == ["naive", "batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
+                              *w1.INT8_VARIANTS, "llama_cpp"]
+    # The tiny model's 16-dimensional heads are not what the kernel is built for: engine_bf16 is on torch's ops.
+    assert variants["engine_bf16"]["settings"]["attention_kernel"] is False
+    assert "does not apply" in variants["engine_bf16_torch_attention"]["skipped"]
     for name in w1.INT8_VARIANTS:  # each ran on the tiny model, or says why not (its library missing here)
         figures = variants[name]
         assert figures["skipped"] if "skipped" in figures else (
@@ -111,9 +115,11 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     for key, workload in (("w3", w1.W3_QUICK), ("w4", w4.QUICK)):
         section = results[key]
         assert (section["workload"]["chats"], section["workload"]["new_tokens"]) == (workload.chats, workload.new_tokens)
-        assert set(section["variants"]) == {"batched", "engine", "engine_bf16", "llama_cpp"}
+        assert set(section["variants"]) == {"batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
+                                            "llama_cpp"}
         assert set(section["ratios"]) == {"engine_over_batched", "engine_over_llama_cpp", "engine_bf16_over_batched",
-                                          "engine_bf16_over_engine", "engine_bf16_over_llama_cpp"}
+                                          "engine_bf16_over_engine", "engine_bf16_over_llama_cpp",
+                                          "engine_bf16_over_engine_bf16_torch_attention"}
         for figures in (section["variants"][name] for name in ("batched", "engine", "engine_bf16")):
             assert figures["new_tokens"] == workload.chats * workload.new_tokens and figures["runs"] == 2
         assert section["variants"]["engine"]["decode_share_of_matmul_limit"] > 0
@@ -187,13 +193,28 @@ def test_an_int8_variant_generates_every_token_on_a_quantized_copy(tiny_llama, t
                for m in tiny_llama.modules() if isinstance(m, torch.nn.Linear))
 
 
+def test_the_bfloat16_engine_runs_beside_itself_on_torch_attention_where_the_kernel_applies(tiny_tokenizer):
+    from tiny import tiny_llama_with_head_dim
+
+    if decode_kernel.load() is None:
+        pytest.skip("the decode-attention kernel cannot be built here")
+    model = tiny_llama_with_head_dim(tiny_tokenizer, 64)
+    section = bench.generation(model, tiny_tokenizer, {}, w1.Workload(chats=4, new_tokens=5), repeats=1, int8=False)
+    variants = section["variants"]
+    on, off = variants["engine_bf16"], variants["engine_bf16_torch_attention"]
+    assert (on["settings"]["attention_kernel"], off["settings"]["attention_kernel"]) == (True, False)
+    assert on["new_tokens"] == off["new_tokens"] == 20 and 0 <= off["rows_equal_to_batched"] <= 4
+    assert section["ratios"]["engine_bf16_over_engine_bf16_torch_attention"] == round(on["tok_s"] / off["tok_s"], 2)
+
+
 def test_int8_variants_without_their_libraries_are_skipped_with_the_reason(tiny_llama, tiny_tokenizer, monkeypatch):
     for library in quantized.INT8_LIBRARIES.values():
         monkeypatch.setitem(sys.modules, library, None)  # `import library` raises ImportError
     section = bench.generation(tiny_llama, tiny_tokenizer, {}, w1.Workload(chats=2, new_tokens=3), repeats=1,
                                int8=True)
     variants = section["variants"]
-    assert list(variants)[:5] == ["batched", "engine", "engine_bf16", "engine_int8_torchao", "engine_int8_bnb"]
+    assert list(variants)[:6] == ["batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
+                                  "engine_int8_torchao", "engine_int8_bnb"]
     for name, quantization in w1.INT8_VARIANTS.items():
         library = quantized.INT8_LIBRARIES[quantization]
         assert variants[name]["skipped"].startswith(f"model.quantization={quantization!r} needs {library}")

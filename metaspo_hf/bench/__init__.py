@@ -151,7 +151,7 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     batched_ids = hf.variants["batched"].ids
     variants = {}
     for name, runs in hf.variants.items():
-        if isinstance(runs, str):  # an int8 variant that could not run
+        if isinstance(runs, str):  # an int8 variant that could not run, or the kernel's pair where it does not apply
             variants[name] = {"skipped": runs}
             continue
         figures = runs.as_dict()
@@ -246,6 +246,7 @@ def print_and_write(table: list[str], figures: dict, out: str | None) -> None:
 RATIOS = (("engine", "batched"), ("engine", "naive"), ("engine", "llama_cpp"), ("engine", "llama_cpp_f32"),
           ("batched", "naive"), ("engine_bf16", "batched"), ("engine_bf16", "engine"),
           ("engine_bf16", "llama_cpp"), ("engine_bf16", "llama_cpp_bf16"), ("engine_bf16", "llama_cpp_f16"),
+          ("engine_bf16", "engine_bf16_torch_attention"),
           *((name, other) for name in w1.INT8_VARIANTS
             for other in ("batched", "engine_bf16", "llama_cpp", "llama_cpp_q8_0")))
 
@@ -316,8 +317,8 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
-# The width of the tables' variant column: the longest name ("engine_int8_torchao") and two spaces.
-LABEL = 21
+# The width of the tables' variant column: the longest name ("engine_bf16_torch_attention") and two spaces.
+LABEL = 29
 
 
 def generation_lines(key: str, section: dict, model_name: str) -> list[str]:

@@ -7,6 +7,8 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
 - ``engine_bf16``: the engine on a bfloat16 copy of the model;
+- ``engine_bf16_torch_attention``: the same without the C++ decode-attention kernel (``models/decode_kernel.py``),
+  its decode steps on torch's ops: the kernel's gain, side by side (skipped where the kernel does not apply);
 - ``engine_int8_torchao``, ``engine_int8_bnb``: the engine on a bfloat16 copy whose linear layers (but the
   output projection) hold int8 weights, by torchao or bitsandbytes (``models/quantized.py``); each is
   reported as skipped, with the reason, where its library is missing or fails;
@@ -211,7 +213,7 @@ INT8_VARIANTS = {"engine_int8_torchao": "int8-torchao", "engine_int8_bnb": "int8
 # int8 weights to the activation dtype and multiplies in it: AMX for bfloat16).
 INT8_ACTIVATIONS = torch.bfloat16
 # The engine on a converted copy of the float32 model: its tokens are compared with batched generate's.
-COPY_VARIANTS = ("engine_bf16", *INT8_VARIANTS)
+COPY_VARIANTS = ("engine_bf16", "engine_bf16_torch_attention", *INT8_VARIANTS)
 
 
 def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
@@ -240,6 +242,11 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
     if bf16:
         variants["engine_bf16"] = _engine_on_copy(model, tokenizer, "engine_bf16", chats, settings, repeats,
                                                   _to_bfloat16)
+        variants["engine_bf16_torch_attention"] = (
+            _engine_on_copy(model, tokenizer, "engine_bf16_torch_attention", chats, settings, repeats, _to_bfloat16,
+                            attention_kernel=False)
+            if variants["engine_bf16"].settings["attention_kernel"]
+            else "engine_bf16 decodes on torch's attention too (the decode-attention kernel does not apply here)")
     for name, quantization in INT8_VARIANTS.items() if int8 else ():
         try:
             variants[name] = _engine_on_copy(model, tokenizer, name, chats, settings, repeats,
@@ -250,12 +257,12 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
 
 
 def _engine_on_copy(model, tokenizer, name: str, chats: list[Chat], settings: GenerationSettings, repeats: int,
-                    convert: Callable[[torch.nn.Module], dict]) -> Runs:
+                    convert: Callable[[torch.nn.Module], dict], attention_kernel: bool = True) -> Runs:
     """The engine on a copy of ``model`` changed in place by ``convert`` (which returns settings to record):
     the float32 model stays as the other variants use it."""
     converted = copy.deepcopy(model)
     recorded = convert(converted)
-    engine = _warm_engine(converted, tokenizer, chats)
+    engine = _warm_engine(converted, tokenizer, chats, attention_kernel)
     return repeated(converted, name, lambda: engine.generate_ids(chats, settings), repeats,
                     {**engine_settings(engine), **recorded})
 
@@ -279,17 +286,18 @@ def _quantized(model, quantization: str) -> dict:
     return quantize_int8(model, quantization)
 
 
-def _warm_engine(model, tokenizer, chats: list[Chat]) -> HFEngine:
+def _warm_engine(model, tokenizer, chats: list[Chat], attention_kernel: bool = True) -> HFEngine:
     """An engine for one batch of ``chats``, after one small call: the first forward pass of a process
     (and the engine's first call: weight packing) pays one-off costs."""
-    engine = HFEngine(model, tokenizer, "bench", batch_size=len(chats), progress=False, suppress_eos=True)
+    engine = HFEngine(model, tokenizer, "bench", batch_size=len(chats), progress=False, suppress_eos=True,
+                      attention_kernel=attention_kernel)
     engine.generate_ids(chats[:2], GenerationSettings(max_new_tokens=2))
     return engine
 
 
 def engine_settings(engine: HFEngine) -> dict:
     return {"dtype": dtype_name(engine.model.dtype), "packed_linears": bool(engine.packed),
-            "threads": torch.get_num_threads()}
+            "attention_kernel": engine.kernel is not None, "threads": torch.get_num_threads()}
 
 
 def identity(ids: list[list[int]], reference: list[list[int]]) -> dict:

@@ -23,6 +23,8 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    dropped from the batch and the cache, so they stop costing decode steps.
 7. On CPU, the model's linear layers run on weights packed once for oneDNN, during the engine's calls
    only (``packed.py``; measured speed-ups in docs/benchmarks.md).
+8. In bfloat16 on CPU, a shared-prefix chunk's decode steps run their attention on a C++ kernel built once
+   per machine (``decode_kernel.py``), where torch's ops spend most of a long reply's time in small copies.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import decode_kernel
 from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_indices, stable_hash
 from .batching import split_on_oom
 from .loglik import loglikelihood
@@ -65,6 +68,7 @@ class HFEngine:
         progress: bool = True,
         suppress_eos: bool = False,
         packed_linears: bool = True,
+        attention_kernel: bool = True,
         processes: Processes = SINGLE,
     ):
         self.model = model.eval()
@@ -87,6 +91,10 @@ class HFEngine:
         # Shared-prefix decode steps read whole own-token buffers where a strided view of them would be
         # copied at every step (bfloat16 and float16 on CPU: prefix.BufferLayer); float32 reads views in place.
         self.whole_buffers = model.dtype != torch.float32
+        # Step 8 of the module doc; None where it does not apply or cannot be built here.
+        self.kernel = (decode_kernel.load() if attention_kernel and self.prefix_reuse
+                       and self._attention_source in SHARED_PREFIX_SOURCES and decode_kernel.applies(model)
+                       else None)
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, chat: Chat) -> str:
@@ -256,7 +264,7 @@ class HFEngine:
             causal = torch.ones((queries, slots), dtype=torch.bool, device=device).tril(diagonal=end - queries)
             return valid[:, None, None, :slots] & causal
 
-        with attending_to(self.model, shared):
+        with attending_to(self.model, shared, self.kernel):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
                                 **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
             for _step in range(settings.max_new_tokens):

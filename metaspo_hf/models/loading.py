@@ -152,6 +152,9 @@ class ModelSpec:
     # On CPU, run linear layers on oneDNN-packed weights: faster decode matmuls, at the cost of a second
     # copy of those weights (skipped past 4 GiB of them; measured in docs/benchmarks.md).
     packed_linears: bool = True
+    # In bfloat16 on CPU, decode shared-prefix attention on our C++ kernel, built once per machine with the
+    # system's C++ compiler (torch's ops, where it cannot be built); measured in docs/benchmarks.md.
+    attention_kernel: bool = True
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -471,7 +474,8 @@ def load_engines(base_spec: ModelSpec, optimizer_spec: ModelSpec | None, progres
         with processes.main_first():
             model, tokenizer = load_model(spec, processes)
         return HFEngine(model, tokenizer, name=spec.name_or_path, batch_size=spec.batch_size,
-                        prefix_reuse=spec.prefix_reuse, packed_linears=spec.packed_linears, progress=progress,
+                        prefix_reuse=spec.prefix_reuse, packed_linears=spec.packed_linears,
+                        attention_kernel=spec.attention_kernel, progress=progress,
                         processes=processes)
 
     base = build(base_spec)

@@ -41,8 +41,9 @@ class Row:
 
 
 # Per layer (keys, values) of shape [kv_heads, length, dim]: the prefix shared by every row of the chunk
-# being generated, read by ``_shared_prefix_attention``.
+# being generated, read by ``_shared_prefix_attention``; and the decode kernel it may use (decode_kernel.py).
 _shared_prefix_kv: ContextVar[list | None] = ContextVar("shared_prefix_kv", default=None)
+_decode_kernel: ContextVar[object | None] = ContextVar("decode_kernel", default=None)
 _SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
 # The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
 SHARED_PREFIX_SOURCES = ("sdpa", "eager")
@@ -57,8 +58,15 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     Copying the prefix into every row (what a batched cache holds) makes each decode step read it once per
     row; here its scores come from one matmul of all rows' queries against it. ``attention_mask`` covers
     the row's own tokens only ([batch, 1, queries, own slots], True = attend); the prefix is visible to all.
+    A one-token decode step runs on the C++ kernel where the engine gave one (bfloat16 on CPU).
     """
     prefix_keys, prefix_values = _shared_prefix_kv.get()[module.layer_idx]
+    kernel = _decode_kernel.get()
+    if kernel is not None and query.shape[2] == 1:
+        batch, heads, _, dim = query.shape
+        out = kernel.decode_attention(query.reshape(batch, heads, dim), prefix_keys, prefix_values, key, value,
+                                      attention_mask[:, 0, 0], dim ** -0.5 if scaling is None else scaling)
+        return out.view(batch, 1, heads, dim), None
     # A whole-buffer layer hands over all its slots; the mask's width says how many are read (see BufferLayer).
     key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     batch, heads, queries, dim = query.shape
@@ -83,18 +91,21 @@ AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
 
 
 @contextmanager
-def attending_to(model, prefix: Prefix | None):
-    """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None)."""
+def attending_to(model, prefix: Prefix | None, decode_kernel=None):
+    """Within the block, the model's attention reads ``prefix`` as every row's shared prefix (no-op for None),
+    its decode steps on ``decode_kernel`` where given."""
     if prefix is None:
         yield
         return
     previous = model.config._attn_implementation
     token = _shared_prefix_kv.set([(k[0], v[0]) for k, v in prefix.kv])
+    kernel_token = _decode_kernel.set(decode_kernel)
     model.config._attn_implementation = _SHARED_PREFIX_ATTENTION
     try:
         yield
     finally:
         model.config._attn_implementation = previous
+        _decode_kernel.reset(kernel_token)
         _shared_prefix_kv.reset(token)
 
 

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -57,19 +58,23 @@ ARCHIVE_ENV = "METASPO_BIGBENCH_ARCHIVE"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # The sdist's SHA-256, as PyPI listed it when it was pinned: a changed file on the index is refused.
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-# The project page on the package index pip uses (PIP_INDEX_URL, else pip's own default), read through
-# the simple API in its JSON form (PEP 691): each file's URL and SHA-256.
-def _pip_index() -> str:
+@lru_cache(maxsize=1)
+def index_url() -> str:
+    """The bigbench project page on the package index pip uses (PIP_INDEX_URL, else pip's own default), read
+    through the simple API in its JSON form (PEP 691): each file's URL and SHA-256. pip's default is asked of
+    pip in a child process: pip, once imported, turns setuptools' distutils off for the whole process, and
+    torch's C++ extension builder (models/decode_kernel.py) then fails to import."""
     configured = os.environ.get("PIP_INDEX_URL")
-    if configured:
-        return configured
-    # pip's default index, stable across pip releases; imported here since only a download needs pip.
-    from pip._internal.models.index import PyPI
+    if not configured:
+        asked = subprocess.run([sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"],
+                               capture_output=True, text=True, timeout=120)
+        configured = asked.stdout.strip()
+        if asked.returncode != 0 or not configured:
+            raise MetaspoError("could not ask pip for its package index (is pip installed?)",
+                               hint=f"set PIP_INDEX_URL, or download {ARCHIVE_NAME} and set ${ARCHIVE_ENV} to the file")
+    return configured.rstrip("/") + "/bigbench/"
 
-    return PyPI.simple_url
 
-
-INDEX_URL = _pip_index().rstrip("/") + "/bigbench/"
 _INDEX_ACCEPT = "application/vnd.pypi.simple.v1+json"
 _MEMBER = re.compile(r"(?:^|/)bigbench/benchmark_tasks/(.+)/task\.json$")
 _COMPLETE_MARKER = ".complete"
@@ -110,7 +115,7 @@ def _download(folder: Path) -> Path:
     pinned one: read as an archive only, never built."""
     url, listed = _archive_url()
     if listed != ARCHIVE_SHA256:
-        raise MetaspoError(f"{INDEX_URL} lists SHA-256 {listed} for {ARCHIVE_NAME}, not the pinned {ARCHIVE_SHA256}",
+        raise MetaspoError(f"{index_url()} lists SHA-256 {listed} for {ARCHIVE_NAME}, not the pinned {ARCHIVE_SHA256}",
                            hint="the file on the index changed; do not use it")
     target = folder / ARCHIVE_NAME
     print(f"Downloading the BIG-bench task files: {url}", file=sys.stderr)
@@ -134,7 +139,7 @@ def _download(folder: Path) -> Path:
 
 def _archive_url() -> tuple[str, str]:
     """(URL, listed SHA-256) of the sdist, from the index's JSON page."""
-    request = urllib.request.Request(INDEX_URL, headers={"Accept": _INDEX_ACCEPT})
+    request = urllib.request.Request(index_url(), headers={"Accept": _INDEX_ACCEPT})
     try:
         with urllib.request.urlopen(request) as response:
             files = json.load(response)["files"]
@@ -143,14 +148,14 @@ def _archive_url() -> tuple[str, str]:
     for entry in files:
         if entry.get("filename") == ARCHIVE_NAME:
             # The index may give URLs relative to its own page.
-            return urllib.parse.urljoin(INDEX_URL, entry["url"]), entry.get("hashes", {}).get("sha256")
-    raise MetaspoError(f"{INDEX_URL} does not list {ARCHIVE_NAME}",
+            return urllib.parse.urljoin(index_url(), entry["url"]), entry.get("hashes", {}).get("sha256")
+    raise MetaspoError(f"{index_url()} does not list {ARCHIVE_NAME}",
                        hint=f"download it elsewhere and set ${ARCHIVE_ENV} to the file")
 
 
 def _download_error(exc: Exception) -> MetaspoError:
     return MetaspoError(
-        f"could not download bigbench=={BIGBENCH_VERSION} from {INDEX_URL} ({type(exc).__name__}: {exc})",
+        f"could not download bigbench=={BIGBENCH_VERSION} from {index_url()} ({type(exc).__name__}: {exc})",
         hint=f"download {ARCHIVE_NAME} (SHA-256 {ARCHIVE_SHA256}) where PyPI is reachable and set "
              f"${ARCHIVE_ENV} to the file",
     )

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def serve_index(tmp_path, monkeypatch, archive: Path, listed_sha256: str | None 
         {"filename": "bigbench-0.0.1.tar.gz", "url": "elsewhere.tar.gz", "hashes": {"sha256": "0" * 64}},
         {"filename": "bigbench-1.0.0.tar.gz", "url": os.path.relpath(archive, index.parent),
          "hashes": {"sha256": listed_sha256 or actual}}]}))
-    monkeypatch.setattr(bigbench, "INDEX_URL", index.as_uri())
+    monkeypatch.setattr(bigbench, "index_url", index.as_uri)
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("METASPO_BIGBENCH_ARCHIVE", raising=False)
 
@@ -170,7 +171,7 @@ def test_an_unreachable_index_names_the_archive_to_fetch_by_hand(tmp_path, monke
     from metaspo_hf.tasks import bigbench
 
     serve_index(tmp_path, monkeypatch, write_fake_bigbench(tmp_path / "served"))
-    monkeypatch.setattr(bigbench, "INDEX_URL", (tmp_path / "no-index.json").as_uri())
+    monkeypatch.setattr(bigbench, "index_url", (tmp_path / "no-index.json").as_uri)
     with pytest.raises(MetaspoError, match="could not download bigbench==1.0.0") as error:
         fetch_bigbench()
     assert "METASPO_BIGBENCH_ARCHIVE" in error.value.hint and bigbench.ARCHIVE_SHA256 in error.value.hint
@@ -198,3 +199,15 @@ def test_archive_members_with_unsafe_paths_are_refused(tmp_path, monkeypatch, na
         fetch_bigbench()
     assert not outside.exists() and not is_fetched()
     assert sorted(path.name for path in tasks_root().parent.iterdir()) == []
+
+
+def test_asking_pip_for_its_index_leaves_setuptools_usable_in_this_process():
+    """pip, imported, turns setuptools' distutils off for the whole process, and torch's C++ extension
+    builder (the CPU decode kernel) then fails: the index is asked of pip in a child process."""
+    env = {k: v for k, v in os.environ.items() if k != "PIP_INDEX_URL"}
+    code = ("import sys; from metaspo_hf.tasks import bigbench; import metaspo_hf.pipeline; "
+            "print(bigbench.index_url()); print('pip' in sys.modules); from torch.utils import cpp_extension")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    url, pip_imported = done.stdout.split()
+    assert url.endswith("/simple/bigbench/") and pip_imported == "False"
