@@ -138,7 +138,7 @@ def result_settings(resolved: dict) -> dict:
     # Keys added after run folders existed count only when set, so those folders still resume (and
     # compare with newer ones, whose recipe.yaml holds the default).
     for section, key, default in _LATER_KEYS:
-        holder = data.get(section, {}) if section else data
+        holder = (data.get(section) or {}) if section else data  # optimizer_model may be None
         if holder.get(key, default) == default:
             holder.pop(key, None)
     return data
@@ -192,6 +192,8 @@ _LATER_KEYS = (
     ("search", "system_edit", "rewrite"),
     ("search", "system_focus", False),
     ("search", "system_components", 0),
+    ("model", "attention_kernel", True),
+    ("optimizer_model", "attention_kernel", True),
 )
 
 

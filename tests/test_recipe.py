@@ -138,18 +138,22 @@ FIRST_KEYS = {
     },
     "evaluation": {"user_prompts_per_task", "demos", "adapt_iterations", "beam", "adapt_candidates", "compare",
                    "adapt_compare"},
+    "model": {"name_or_path", "gguf_file", "dtype", "device_map", "quantization", "bnb_4bit_quant_type",
+              "trust_remote_code", "revision", "batch_size", "prefix_reuse", "packed_linears"},
 }
 
 
 @pytest.mark.parametrize(("section", "changed"), [("search", "search.system_components=3"),
-                                                  ("evaluation", "evaluation.score_turned_down=true")])
+                                                  ("evaluation", "evaluation.score_turned_down=true"),
+                                                  ("model", "model.attention_kernel=false")])
 def test_keys_added_after_the_first_run_folders_leave_the_fingerprint_alone_at_their_default(tmp_path, section,
                                                                                              changed):
     from metaspo_hf.evaluation import EvaluationConfig
+    from metaspo_hf.models.loading import ModelSpec
     from metaspo_hf.recipe import _LATER_KEYS
     from metaspo_hf.search import SearchConfig
 
-    config = {"search": SearchConfig, "evaluation": EvaluationConfig}[section]
+    config = {"search": SearchConfig, "evaluation": EvaluationConfig, "model": ModelSpec}[section]
     later = {key: default for where, key, default in _LATER_KEYS if where == section}
     assert {f.name for f in dataclasses.fields(config)} - FIRST_KEYS[section] == set(later)
     path = write(tmp_path, "seed: 1\n")
@@ -157,6 +161,13 @@ def test_keys_added_after_the_first_run_folders_leave_the_fingerprint_alone_at_t
     for key, default in later.items():
         assert load_recipe(str(path), [f"{section}.{key}={json.dumps(default)}"]).fingerprint() == plain
     assert load_recipe(str(path), [changed]).fingerprint() != plain
+
+
+def test_a_model_key_added_later_leaves_the_optimizer_models_fingerprint_alone_at_its_default(tmp_path):
+    path = write(tmp_path, "optimizer_model: {name_or_path: smollm2-135m-instruct}\n")
+    plain = load_recipe(str(path)).fingerprint()
+    assert load_recipe(str(path), ["optimizer_model.attention_kernel=true"]).fingerprint() == plain
+    assert load_recipe(str(path), ["optimizer_model.attention_kernel=false"]).fingerprint() != plain
 
 
 def reference_recipe_folder(tmp_path):
