@@ -24,7 +24,8 @@ How a call is generated (and why it matches plain batched ``generate`` token for
 7. On CPU, the model's linear layers run on weights packed once for oneDNN, during the engine's calls
    only (``packed.py``; measured speed-ups in docs/benchmarks.md).
 8. In bfloat16 on CPU, a shared-prefix chunk's decode steps run their attention on a C++ kernel built once
-   per machine (``decode_kernel.py``), where torch's ops spend most of a long reply's time in small copies.
+   per machine (``decode_kernel.py``): one pass over the keys and values instead of torch's small matmuls and
+   the copies between them (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
