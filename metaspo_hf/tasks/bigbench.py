@@ -58,6 +58,8 @@ ARCHIVE_ENV = "METASPO_BIGBENCH_ARCHIVE"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # The sdist's SHA-256, as PyPI listed it when it was pinned: a changed file on the index is refused.
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+
+
 @lru_cache(maxsize=1)
 def index_url() -> str:
     """The bigbench project page on the package index pip uses (PIP_INDEX_URL, else pip's own default), read
@@ -66,10 +68,13 @@ def index_url() -> str:
     torch's C++ extension builder (models/decode_kernel.py) then fails to import."""
     configured = os.environ.get("PIP_INDEX_URL")
     if not configured:
-        asked = subprocess.run([sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"],
-                               capture_output=True, text=True, timeout=120)
-        configured = asked.stdout.strip()
-        if asked.returncode != 0 or not configured:
+        try:
+            asked = subprocess.run([sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"],
+                                   capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            asked = None
+        configured = asked.stdout.strip() if asked else ""
+        if not asked or asked.returncode != 0 or not configured:
             raise MetaspoError("could not ask pip for its package index (is pip installed?)",
                                hint=f"set PIP_INDEX_URL, or download {ARCHIVE_NAME} and set ${ARCHIVE_ENV} to the file")
     return configured.rstrip("/") + "/bigbench/"
