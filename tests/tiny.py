@@ -53,14 +53,17 @@ def tiny_model(tokenizer, arch: str = "llama", seed: int = 0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def tiny_llama_with_head_dim(tokenizer, head_dim: int, dtype=torch.float32):
-    """A tiny random llama with two ``head_dim``-dimensional query heads on one key head (the CPU
-    decode-attention kernel is built for 64 and 128; ``tiny_model``'s heads have 16)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_llama_with_head_dim(tokenizer, head_dim: int, dtype=torch.float32, arch: str = "llama"):
+    """A tiny random llama (or another ``arch`` of the same shape) with two ``head_dim``-dimensional query heads
+    on one key head (the CPU decode-attention kernel is built for 64 and 128; ``tiny_model``'s heads have 16)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2 * head_dim, intermediate_size=4 * head_dim,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    # Mistral's default sliding window would turn prefix reuse off (engine._cache_is_plain).
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    config = config_class(vocab_size=len(tokenizer), hidden_size=2 * head_dim, intermediate_size=4 * head_dim,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **extra)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

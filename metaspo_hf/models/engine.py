@@ -25,7 +25,9 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    only (``packed.py``; measured speed-ups in docs/benchmarks.md).
 8. In bfloat16 on CPU, a shared-prefix chunk's decode steps run their attention on a C++ kernel built once
    per machine (``decode_kernel.py``): one pass over the keys and values instead of torch's small matmuls and
-   the copies between them (measured in docs/benchmarks.md).
+   the copies between them; for Llama-family models the whole step is a plain loop over the layers with that
+   kernel also doing the rotary embedding and the cache write (``decode_step.py``), bit-identical to the
+   model's forward pass with the kernel (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from transformers.cache_utils import DynamicLayer
 from . import decode_kernel
 from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_indices, stable_hash
 from .batching import split_on_oom
+from .decode_step import FusedDecodeStep
 from .loglik import loglikelihood
 from .packed import on_packed_weights, packed_linear_weights
 from .parallel import SINGLE, Processes
@@ -96,6 +99,7 @@ class HFEngine:
         self.kernel = (decode_kernel.load() if attention_kernel and self.prefix_reuse
                        and self._attention_source in SHARED_PREFIX_SOURCES and decode_kernel.applies(model)
                        else None)
+        self.fused_step = FusedDecodeStep.for_model(model, self.kernel)
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, chat: Chat) -> str:
@@ -265,6 +269,8 @@ class HFEngine:
             causal = torch.ones((queries, slots), dtype=torch.bool, device=device).tril(diagonal=end - queries)
             return valid[:, None, None, :slots] & causal
 
+        fused = self.fused_step if whole else None
+        prefix_kv = [(k[0], v[0]) for k, v in shared.kv] if fused is not None else None
         with attending_to(self.model, shared, self.kernel):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
                                 **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
@@ -288,8 +294,11 @@ class HFEngine:
                     active = [active[s] for s in keep]
                 end += 1
                 positions = positions[:, -1:] + 1
-                logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask(1),
-                                    position_ids=positions, **{self._cache_arg: cache}, use_cache=True).logits[:, -1, :]
+                if fused is not None:
+                    logits = fused(next_tokens, positions, cache, attention_mask(1)[:, 0, 0], prefix_kv)
+                else:
+                    logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask(1),
+                                        position_ids=positions, **{self._cache_arg: cache}, use_cache=True).logits[:, -1, :]
 
         for row, tokens in zip(chunk, new_tokens, strict=True):
             yield row, tokens

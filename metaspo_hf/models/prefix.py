@@ -164,6 +164,11 @@ class BufferLayer(DynamicLayer):
         self._set_views()
         return self.buffers if self.whole else (self.keys, self.values)
 
+    def advance(self, tokens: int) -> None:
+        """Counts ``tokens`` written into the buffers in place by someone else (the fused decode step)."""
+        self.length += tokens
+        self._set_views()
+
     def get_seq_length(self) -> int:
         return self.length
 

@@ -4,12 +4,16 @@
 // all rows) and to its own cached tokens (those its mask allows). torch's ops do this as four small matmuls,
 // a concatenation, a masked fill and a softmax per layer, each with its own copies; here each (row, key head)
 // reads its keys and values once, for all the query heads grouped on that key head, and keeps scores and
-// sums in float32. Built on first use by decode_kernel.py; the measured gain is in docs/benchmarks.md.
+// sums in float32. `rotate_store_attention` also does what comes before it in a layer (the rotary embedding
+// of the new query and key, and the write of the new key and value into the cache), for the engine's fused
+// decode step. Built on first use by decode_kernel.py; the measured gain is in docs/benchmarks.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -36,100 +40,164 @@ inline float exp_nonpositive(float x) {
   return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
 }
 
-template <typename T, int D>
-void decode_step(const at::Tensor& query, const at::Tensor& prefix_keys, const at::Tensor& prefix_values,
-                 const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask, at::Tensor& out,
-                 float scaling) {
-  const int64_t rows = query.size(0), heads = query.size(1), kv_heads = keys.size(1);
-  const int64_t group = heads / kv_heads, prefix_len = prefix_keys.size(1), slots = mask.size(1);
-  const T* q = query.data_ptr<T>();
-  const T* pk = prefix_keys.data_ptr<T>();
-  const T* pv = prefix_values.data_ptr<T>();
-  const T* k = keys.data_ptr<T>();
-  const T* v = values.data_ptr<T>();
-  const bool* m = mask.data_ptr<bool>();
-  T* o = out.data_ptr<T>();
-  const int64_t k_row = keys.stride(0), k_head = keys.stride(1), k_slot = keys.stride(2);
-  const int64_t v_row = values.stride(0), v_head = values.stride(1), v_slot = values.stride(2);
-  const int64_t m_row = mask.stride(0), m_slot = mask.stride(1);
+// Where one layer's keys and values are: the shared prefix [kv_heads, prefix_len, D] (contiguous) and each row's
+// own buffers [rows, kv_heads, >= slots, D] (any strides, contiguous last dim), the mask [rows, slots] saying which
+// own slots a row attends to.
+template <typename T>
+struct Layer {
+  const T *prefix_keys, *prefix_values, *keys, *values;
+  const bool* mask;
+  int64_t prefix_len, slots, k_row, k_head, k_slot, v_row, v_head, v_slot, m_row, m_slot;
 
+  Layer(const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m)
+      : prefix_keys(pk.data_ptr<T>()), prefix_values(pv.data_ptr<T>()), keys(k.data_ptr<T>()),
+        values(v.data_ptr<T>()), mask(m.data_ptr<bool>()), prefix_len(pk.size(1)), slots(m.size(1)),
+        k_row(k.stride(0)), k_head(k.stride(1)), k_slot(k.stride(2)), v_row(v.stride(0)), v_head(v.stride(1)),
+        v_slot(v.stride(2)), m_row(m.stride(0)), m_slot(m.stride(1)) {}
+};
+
+// One thread's scratch space, reused across the (row, key head) units it runs.
+template <typename T>
+struct Scratch {
+  std::vector<float> queries, sums, peak, total, scores;
+  std::vector<const T*> key_at, value_at;
+  Scratch(int64_t group, int64_t dim, int64_t keys)
+      : queries(group * dim), sums(group * dim), peak(group), total(group), scores(group * keys), key_at(keys),
+        value_at(keys) {}
+};
+
+// The attention of one (row, key head) unit: its `group` query heads, already scaled, in scratch.queries; the
+// output of query head g goes to out + g * D.
+template <typename T, int D>
+void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, Scratch<T>& scratch, T* out) {
+  float* queries = scratch.queries.data();
+  float* scores = scratch.scores.data();
+  // The keys this row sees: the whole prefix, then its own unmasked slots.
+  int64_t n = 0;
+  for (int64_t s = 0; s < layer.prefix_len; ++s, ++n) {
+    scratch.key_at[n] = layer.prefix_keys + (head * layer.prefix_len + s) * D;
+    scratch.value_at[n] = layer.prefix_values + (head * layer.prefix_len + s) * D;
+  }
+  for (int64_t s = 0; s < layer.slots; ++s) {
+    if (layer.mask[row * layer.m_row + s * layer.m_slot]) {
+      scratch.key_at[n] = layer.keys + row * layer.k_row + head * layer.k_head + s * layer.k_slot;
+      scratch.value_at[n] = layer.values + row * layer.v_row + head * layer.v_head + s * layer.v_slot;
+      ++n;
+    }
+  }
+  alignas(64) float vec[D];
+  for (int64_t g = 0; g < group; ++g) scratch.peak[g] = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) {
+    const T* key = scratch.key_at[s];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) vec[d] = to_float(key[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = queries + g * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < D; ++d) dot += qg[d] * vec[d];
+      scores[g * n + s] = dot;
+      scratch.peak[g] = dot > scratch.peak[g] ? dot : scratch.peak[g];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* p = scores + g * n;
+    const float top = scratch.peak[g];
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < n; ++s) {
+      p[s] = exp_nonpositive(p[s] - top);
+      sum += p[s];
+    }
+    scratch.total[g] = sum;
+  }
+  float* sums = scratch.sums.data();
+  std::fill(scratch.sums.begin(), scratch.sums.end(), 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* value = scratch.value_at[s];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) vec[d] = to_float(value[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = scores[g * n + s];
+      float* acc = sums + g * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += weight * vec[d];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float scale = 1.f / scratch.total[g];
+    for (int d = 0; d < D; ++d) out[g * D + d] = T(sums[g * D + d] * scale);
+  }
+}
+
+// query [rows, heads, D] (already rotated); the layer's cache as it stands.
+template <typename T, int D>
+void decode_step(const at::Tensor& query, const Layer<T>& layer, int64_t kv_heads, at::Tensor& out, float scaling) {
+  const int64_t rows = query.size(0), heads = query.size(1), group = heads / kv_heads;
+  const T* q = query.data_ptr<T>();
+  T* o = out.data_ptr<T>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries(group * D), sums(group * D), peak(group), total(group);
-    std::vector<float> scores(group * (prefix_len + slots));
-    std::vector<const T*> key_at(prefix_len + slots), value_at(prefix_len + slots);
-    alignas(64) float vec[D];
+    Scratch<T> scratch(group, D, layer.prefix_len + layer.slots);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t row = unit / kv_heads, head = unit % kv_heads;
-      for (int64_t g = 0; g < group; ++g)
-        for (int d = 0; d < D; ++d)
-          queries[g * D + d] = to_float(q[(row * heads + head * group + g) * D + d]) * scaling;
-      // The keys this row sees: the whole prefix, then its own unmasked slots.
-      int64_t n = 0;
-      for (int64_t s = 0; s < prefix_len; ++s, ++n) {
-        key_at[n] = pk + (head * prefix_len + s) * D;
-        value_at[n] = pv + (head * prefix_len + s) * D;
-      }
-      for (int64_t s = 0; s < slots; ++s) {
-        if (m[row * m_row + s * m_slot]) {
-          key_at[n] = k + row * k_row + head * k_head + s * k_slot;
-          value_at[n] = v + row * v_row + head * v_head + s * v_slot;
-          ++n;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) peak[g] = -INFINITY;
-      for (int64_t s = 0; s < n; ++s) {
-        const T* key = key_at[s];
-#pragma omp simd
-        for (int d = 0; d < D; ++d) vec[d] = to_float(key[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = queries.data() + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int d = 0; d < D; ++d) dot += qg[d] * vec[d];
-          scores[g * n + s] = dot;
-          peak[g] = dot > peak[g] ? dot : peak[g];
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* p = scores.data() + g * n;
-        const float top = peak[g];
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s < n; ++s) {
-          p[s] = exp_nonpositive(p[s] - top);
-          sum += p[s];
-        }
-        total[g] = sum;
-      }
-      std::fill(sums.begin(), sums.end(), 0.f);
-      for (int64_t s = 0; s < n; ++s) {
-        const T* value = value_at[s];
-#pragma omp simd
-        for (int d = 0; d < D; ++d) vec[d] = to_float(value[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * n + s];
-          float* acc = sums.data() + g * D;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) acc[d] += weight * vec[d];
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float scale = 1.f / total[g];
-        for (int d = 0; d < D; ++d) o[(row * heads + head * group + g) * D + d] = T(sums[g * D + d] * scale);
-      }
+      const T* qh = q + (row * heads + head * group) * D;
+      for (int64_t i = 0; i < group * D; ++i) scratch.queries[i] = to_float(qh[i]) * scaling;
+      attend<T, D>(layer, row, head, group, scratch, o + (row * heads + head * group) * D);
     }
   });
 }
 
-template <typename T>
-void dispatch_head_dim(const at::Tensor& query, const at::Tensor& prefix_keys, const at::Tensor& prefix_values,
-                       const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask, at::Tensor& out,
-                       float scaling) {
-  switch (query.size(2)) {
-    case 64: return decode_step<T, 64>(query, prefix_keys, prefix_values, keys, values, mask, out, scaling);
-    case 128: return decode_step<T, 128>(query, prefix_keys, prefix_values, keys, values, mask, out, scaling);
-    default: TORCH_CHECK(false, "decode_attention: head dim must be 64 or 128, got ", query.size(2));
+// Rotary position embedding of one head as transformers computes it in bfloat16, (x * cos) + (rotate_half(x) * sin),
+// with each product and the sum rounded to bfloat16 as torch's elementwise ops round them: the same bits.
+template <typename T, int D>
+inline void rotate(const T* x, const T* cos, const T* sin, T* out) {
+  constexpr int half = D / 2;
+  for (int d = 0; d < D; ++d) {
+    const float turned = d < half ? -to_float(x[d + half]) : to_float(x[d - half]);
+    const T straight_part = T(to_float(x[d]) * to_float(cos[d]));
+    const T turned_part = T(turned * to_float(sin[d]));
+    out[d] = T(to_float(straight_part) + to_float(turned_part));
   }
+}
+
+// A whole decode step of one layer's attention from its projections: rotate the new query and key, write the new
+// key and value into every row's slot `slot`, then attend (the mask must allow that slot).
+template <typename T, int D>
+void rotate_store_attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cos,
+                         const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t slot,
+                         const Layer<T>& layer, int64_t heads, at::Tensor& out, float scaling) {
+  const int64_t rows = query.size(0), kv_heads = keys.size(1), group = heads / kv_heads;
+  const T *q = query.data_ptr<T>(), *k = key.data_ptr<T>(), *v = value.data_ptr<T>();
+  const T *c = cos.data_ptr<T>(), *s = sin.data_ptr<T>();
+  T *key_buffer = keys.data_ptr<T>(), *value_buffer = values.data_ptr<T>(), *o = out.data_ptr<T>();
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(group, D, layer.prefix_len + layer.slots);
+    alignas(64) T turned[D];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t row = unit / kv_heads, head = unit % kv_heads;
+      const T *row_cos = c + row * cos.stride(0), *row_sin = s + row * sin.stride(0);
+      rotate<T, D>(k + row * key.stride(0) + head * D, row_cos, row_sin,
+                   key_buffer + row * layer.k_row + head * layer.k_head + slot * layer.k_slot);
+      std::copy_n(v + row * value.stride(0) + head * D, D,
+                  value_buffer + row * layer.v_row + head * layer.v_head + slot * layer.v_slot);
+      for (int64_t g = 0; g < group; ++g) {
+        rotate<T, D>(q + row * query.stride(0) + (head * group + g) * D, row_cos, row_sin, turned);
+        for (int d = 0; d < D; ++d) scratch.queries[g * D + d] = to_float(turned[d]) * scaling;
+      }
+      attend<T, D>(layer, row, head, group, scratch, o + (row * heads + head * group) * D);
+    }
+  });
+}
+
+void check_cache(const at::Tensor& prefix_keys, const at::Tensor& prefix_values, const at::Tensor& keys,
+                 const at::Tensor& values, const at::Tensor& mask) {
+  TORCH_CHECK(prefix_keys.is_contiguous() && prefix_values.is_contiguous(), "decode_attention: prefix must be contiguous");
+  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4, "decode_attention: keys and values must be [rows, kv_heads, slots, dim]");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "decode_attention: keys and values need a contiguous last dim");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2, "decode_attention: mask must be [rows, slots] bool");
+  TORCH_CHECK(keys.size(2) >= mask.size(1) && values.size(2) >= mask.size(1), "decode_attention: mask is wider than the cache");
+  for (const auto* t : {&prefix_keys, &prefix_values, &keys, &values})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "decode_attention: bfloat16 only (float32 is faster on torch's ops)");
 }
 
 // query [rows, heads, head_dim], contiguous; prefix_keys/values [kv_heads, prefix_len, head_dim], contiguous;
@@ -139,20 +207,62 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& prefix_ke
                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
                             double scaling) {
   TORCH_CHECK(query.dim() == 3 && query.is_contiguous(), "decode_attention: query must be [rows, heads, dim], contiguous");
-  TORCH_CHECK(prefix_keys.is_contiguous() && prefix_values.is_contiguous(), "decode_attention: prefix must be contiguous");
-  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "decode_attention: keys and values need a contiguous last dim");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2, "decode_attention: mask must be [rows, slots] bool");
-  TORCH_CHECK(keys.size(2) >= mask.size(1) && values.size(2) >= mask.size(1), "decode_attention: mask is wider than the cache");
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16, "decode_attention: bfloat16 only (float32 is faster on torch's ops)");
+  check_cache(prefix_keys, prefix_values, keys, values, mask);
   TORCH_CHECK(query.size(1) % keys.size(1) == 0, "decode_attention: heads must be a multiple of key heads");
-  for (const auto* t : {&query, &prefix_keys, &prefix_values, &keys, &values})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "decode_attention: bfloat16 only (float32 is faster on torch's ops)");
   at::Tensor out = at::empty_like(query);
+  const Layer<c10::BFloat16> layer(prefix_keys, prefix_values, keys, values, mask);
   const float scale = static_cast<float>(scaling);
-  dispatch_head_dim<c10::BFloat16>(query, prefix_keys, prefix_values, keys, values, mask, out, scale);
+  switch (query.size(2)) {
+    case 64: decode_step<c10::BFloat16, 64>(query, layer, keys.size(1), out, scale); break;
+    case 128: decode_step<c10::BFloat16, 128>(query, layer, keys.size(1), out, scale); break;
+    default: TORCH_CHECK(false, "decode_attention: head dim must be 64 or 128, got ", query.size(2));
+  }
+  return out;
+}
+
+// The fused form the engine's decode step uses (decode_step.py): query [rows, heads * head_dim], key and value
+// [rows, kv_heads * head_dim] straight from the projections, before rotation (rows may be strided); cos and sin
+// [rows, head_dim]; keys/values the layer's whole buffers, written at `slot`. Returns [rows, heads, head_dim].
+at::Tensor rotate_store_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& prefix_keys,
+                                  const at::Tensor& prefix_values, at::Tensor& keys, at::Tensor& values, int64_t slot,
+                                  const at::Tensor& mask, double scaling) {
+  check_cache(prefix_keys, prefix_values, keys, values, mask);
+  const int64_t rows = query.size(0), kv_heads = keys.size(1), dim = keys.size(3);
+  for (const auto* t : {&query, &key, &value, &cos, &sin}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->stride(1) == 1,
+                "rotate_store_attention: query, key, value, cos and sin must be [rows, n] with a contiguous last dim");
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "rotate_store_attention: bfloat16 only");
+  }
+  TORCH_CHECK(key.size(1) == kv_heads * dim && value.size(1) == kv_heads * dim && cos.size(1) == dim &&
+                  sin.size(1) == dim && query.size(1) % (kv_heads * dim) == 0,
+              "rotate_store_attention: projections do not match the cache's heads");
+  TORCH_CHECK(keys.size(0) == rows && mask.size(0) == rows, "rotate_store_attention: rows differ from the cache's");
+  TORCH_CHECK(slot >= 0 && slot < mask.size(1), "rotate_store_attention: slot ", slot, " is outside the mask");
+  const int64_t heads = query.size(1) / dim;
+  at::Tensor out = at::empty({rows, heads, dim}, query.options());
+  const Layer<c10::BFloat16> layer(prefix_keys, prefix_values, keys, values, mask);
+  const float scale = static_cast<float>(scaling);
+  switch (dim) {
+    case 64:
+      rotate_store_attend<c10::BFloat16, 64>(query, key, value, cos, sin, keys, values, slot, layer, heads, out, scale);
+      break;
+    case 128:
+      rotate_store_attend<c10::BFloat16, 128>(query, key, value, cos, sin, keys, values, slot, layer, heads, out, scale);
+      break;
+    default: TORCH_CHECK(false, "rotate_store_attention: head dim must be 64 or 128, got ", dim);
+  }
   return out;
 }
 
 }  // namespace
 
 // torch.ops.metaspo.decode_attention; only these light headers, so that the build takes seconds, not a minute.
-TORCH_LIBRARY(metaspo, library) { library.def("decode_attention", &decode_attention); }
+TORCH_LIBRARY(metaspo, library) {
+  library.def("decode_attention", &decode_attention);
+  library.def(
+      "rotate_store_attention(Tensor query, Tensor key, Tensor value, Tensor cos, Tensor sin, Tensor prefix_keys, "
+      "Tensor prefix_values, Tensor(a!) keys, Tensor(b!) values, int slot, Tensor mask, float scaling) -> Tensor",
+      &rotate_store_attention);
+}
