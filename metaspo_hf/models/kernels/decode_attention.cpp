@@ -13,8 +13,13 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <bit>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -59,18 +64,135 @@ struct Layer {
 // One thread's scratch space, reused across the (row, key head) units it runs.
 template <typename T>
 struct Scratch {
-  std::vector<float> queries, sums, peak, total, scores;
+  std::vector<T> queries;
+  std::vector<float> sums, peak, total, scores;
   std::vector<const T*> key_at, value_at;
   Scratch(int64_t group, int64_t dim, int64_t keys)
       : queries(group * dim), sums(group * dim), peak(group), total(group), scores(group * keys), key_at(keys),
         value_at(keys) {}
 };
 
-// The attention of one (row, key head) unit: its `group` query heads, already scaled, in scratch.queries; the
-// output of query head g goes to out + g * D.
+#if defined(__AVX512BF16__)
+// Lane j of the result: the sum of the 16 lanes of sums[j] (a transpose and add in three levels).
+inline __m512 sum_each(const __m512 (&sums)[16]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(sums[2 * i], sums[2 * i + 1]),
+                             _mm512_unpackhi_ps(sums[2 * i], sums[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // quads[i]'s 128-bit block k holds the block-k sums of sums[4i .. 4i+3]; add the four blocks.
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+
+// The dot product of a bfloat16 query and key, D / 32 pairs of 16 products, summed in float32 per lane.
+template <int D>
+inline __m512 dot_lanes(const __m512bh (&query)[D / 32], const c10::BFloat16* key) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < D / 32; ++c)
+    sum = _mm512_dpbf16_ps(sum, query[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+  return sum;
+}
+#endif
+
+// Scores of one query (bfloat16, unscaled) against n keys, scaled; returns their maximum.
 template <typename T, int D>
-void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, Scratch<T>& scratch, T* out) {
-  float* queries = scratch.queries.data();
+float score_keys(const T* query, const T* const* key_at, int64_t n, float scaling, float* scores) {
+  float peak = -INFINITY;
+  int64_t s = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
+    // 16 keys at a time: 16 vectors of lane sums, then one transpose-and-add for all 16 (BF16 dot products
+    // are exact products summed in float32, as the scalar loop below sums them, in another order).
+    __m512bh q[D / 32];
+    for (int c = 0; c < D / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(query + 32 * c);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    const __m512 scale = _mm512_set1_ps(scaling);
+    for (; s + 16 <= n; s += 16) {
+      __m512 sums[16];
+      for (int j = 0; j < 16; ++j) sums[j] = dot_lanes<D>(q, key_at[s + j]);
+      const __m512 block = _mm512_mul_ps(sum_each(sums), scale);
+      _mm512_storeu_ps(scores + s, block);
+      top = _mm512_max_ps(top, block);
+    }
+    peak = _mm512_reduce_max_ps(top);
+    for (; s < n; ++s) {
+      scores[s] = _mm512_reduce_add_ps(dot_lanes<D>(q, key_at[s])) * scaling;
+      peak = scores[s] > peak ? scores[s] : peak;
+    }
+    return peak;
+  }
+#endif
+  alignas(64) float q[D];
+  for (int d = 0; d < D; ++d) q[d] = to_float(query[d]);
+  for (; s < n; ++s) {
+    const T* key = key_at[s];
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int d = 0; d < D; ++d) dot += q[d] * to_float(key[d]);
+    scores[s] = dot * scaling;
+    peak = scores[s] > peak ? scores[s] : peak;
+  }
+  return peak;
+}
+
+// sums[g] = the values weighted by query head g's weights (weights[g * n + s] for key s), for every g.
+template <typename T, int D>
+void weigh_values(const T* const* value_at, int64_t n, const float* weights, int64_t group, float* sums) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && D % 16 == 0) {
+    // A tile of query heads keeps its sums in registers while every value is read once per tile.
+    constexpr int C = D / 16, TILE = 20 / C > 0 ? 20 / C : 1;
+    for (int64_t first = 0; first < group; first += TILE) {
+      const int64_t tile = std::min<int64_t>(TILE, group - first);
+      __m512 acc[TILE][C];
+      for (int t = 0; t < TILE; ++t)
+        for (int c = 0; c < C; ++c) acc[t][c] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < n; ++s) {
+        const T* value = value_at[s];
+        __m512 v[C];
+        for (int c = 0; c < C; ++c)  // bfloat16 to float32: the 16 bits become the high half
+          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * c))), 16));
+        for (int t = 0; t < TILE; ++t) {
+          if (t < tile) {
+            const __m512 w = _mm512_set1_ps(weights[(first + t) * n + s]);
+            for (int c = 0; c < C; ++c) acc[t][c] = _mm512_fmadd_ps(w, v[c], acc[t][c]);
+          }
+        }
+      }
+      for (int t = 0; t < tile; ++t)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(sums + (first + t) * D + 16 * c, acc[t][c]);
+    }
+    return;
+  }
+#endif
+  alignas(64) float vec[D];
+  std::fill(sums, sums + group * D, 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* value = value_at[s];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) vec[d] = to_float(value[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = weights[g * n + s];
+      float* acc = sums + g * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += weight * vec[d];
+    }
+  }
+}
+
+// The attention of one (row, key head) unit: its `group` query heads (bfloat16, rotated, unscaled) in
+// scratch.queries; the output of query head g goes to out + g * D.
+template <typename T, int D>
+void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, float scaling, Scratch<T>& scratch,
+            T* out) {
   float* scores = scratch.scores.data();
   // The keys this row sees: the whole prefix, then its own unmasked slots.
   int64_t n = 0;
@@ -85,21 +207,8 @@ void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, Scr
       ++n;
     }
   }
-  alignas(64) float vec[D];
-  for (int64_t g = 0; g < group; ++g) scratch.peak[g] = -INFINITY;
-  for (int64_t s = 0; s < n; ++s) {
-    const T* key = scratch.key_at[s];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) vec[d] = to_float(key[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = queries + g * D;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < D; ++d) dot += qg[d] * vec[d];
-      scores[g * n + s] = dot;
-      scratch.peak[g] = dot > scratch.peak[g] ? dot : scratch.peak[g];
-    }
-  }
+  for (int64_t g = 0; g < group; ++g)
+    scratch.peak[g] = score_keys<T, D>(scratch.queries.data() + g * D, scratch.key_at.data(), n, scaling, scores + g * n);
   for (int64_t g = 0; g < group; ++g) {
     float* p = scores + g * n;
     const float top = scratch.peak[g];
@@ -112,18 +221,7 @@ void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, Scr
     scratch.total[g] = sum;
   }
   float* sums = scratch.sums.data();
-  std::fill(scratch.sums.begin(), scratch.sums.end(), 0.f);
-  for (int64_t s = 0; s < n; ++s) {
-    const T* value = scratch.value_at[s];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) vec[d] = to_float(value[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float weight = scores[g * n + s];
-      float* acc = sums + g * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) acc[d] += weight * vec[d];
-    }
-  }
+  weigh_values<T, D>(scratch.value_at.data(), n, scores, group, sums);
   for (int64_t g = 0; g < group; ++g) {
     const float scale = 1.f / scratch.total[g];
     for (int d = 0; d < D; ++d) out[g * D + d] = T(sums[g * D + d] * scale);
@@ -141,8 +239,8 @@ void decode_step(const at::Tensor& query, const Layer<T>& layer, int64_t kv_head
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t row = unit / kv_heads, head = unit % kv_heads;
       const T* qh = q + (row * heads + head * group) * D;
-      for (int64_t i = 0; i < group * D; ++i) scratch.queries[i] = to_float(qh[i]) * scaling;
-      attend<T, D>(layer, row, head, group, scratch, o + (row * heads + head * group) * D);
+      std::copy_n(qh, group * D, scratch.queries.begin());
+      attend<T, D>(layer, row, head, group, scaling, scratch, o + (row * heads + head * group) * D);
     }
   });
 }
@@ -172,7 +270,6 @@ void rotate_store_attend(const at::Tensor& query, const at::Tensor& key, const a
   T *key_buffer = keys.data_ptr<T>(), *value_buffer = values.data_ptr<T>(), *o = out.data_ptr<T>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(group, D, layer.prefix_len + layer.slots);
-    alignas(64) T turned[D];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t row = unit / kv_heads, head = unit % kv_heads;
       const T *row_cos = c + row * cos.stride(0), *row_sin = s + row * sin.stride(0);
@@ -180,11 +277,10 @@ void rotate_store_attend(const at::Tensor& query, const at::Tensor& key, const a
                    key_buffer + row * layer.k_row + head * layer.k_head + slot * layer.k_slot);
       std::copy_n(v + row * value.stride(0) + head * D, D,
                   value_buffer + row * layer.v_row + head * layer.v_head + slot * layer.v_slot);
-      for (int64_t g = 0; g < group; ++g) {
-        rotate<T, D>(q + row * query.stride(0) + (head * group + g) * D, row_cos, row_sin, turned);
-        for (int d = 0; d < D; ++d) scratch.queries[g * D + d] = to_float(turned[d]) * scaling;
-      }
-      attend<T, D>(layer, row, head, group, scratch, o + (row * heads + head * group) * D);
+      for (int64_t g = 0; g < group; ++g)
+        rotate<T, D>(q + row * query.stride(0) + (head * group + g) * D, row_cos, row_sin,
+                     scratch.queries.data() + g * D);
+      attend<T, D>(layer, row, head, group, scaling, scratch, o + (row * heads + head * group) * D);
     }
   });
 }
