@@ -7,8 +7,9 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
 - ``engine_bf16``: the engine on a bfloat16 copy of the model;
-- ``engine_bf16_torch_attention``: the same without the C++ decode-attention kernel (``models/decode_kernel.py``),
-  its decode steps on torch's ops: the kernel's gain, side by side (skipped where the kernel does not apply);
+- ``engine_bf16_torch_attention``: the same without the C++ decode-attention kernel (``models/decode_kernel.py``)
+  and so without the fused decode step built on it (``models/decode_step.py``), its decode steps on the model's
+  forward pass and torch's ops: their gain, side by side (skipped where the kernel does not apply);
 - ``engine_int8_torchao``, ``engine_int8_bnb``: the engine on a bfloat16 copy whose linear layers (but the
   output projection) hold int8 weights, by torchao or bitsandbytes (``models/quantized.py``); each is
   reported as skipped, with the reason, where its library is missing or fails;

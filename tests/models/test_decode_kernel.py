@@ -2,7 +2,11 @@
 replaces, on the slots the mask allows only, and used by the engine for bfloat16 decode steps alone."""
 
 import copy
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +158,30 @@ def test_a_failed_build_is_reported_and_decoding_goes_on_without_the_kernel(tiny
     system = "You are a helpful assistant."
     out = engine.generate([make_chat(system, "hi"), make_chat(system, "hello there")], GenerationSettings(max_new_tokens=4))
     assert len(out) == 2 and engine.stats.generated_tokens > 2
+
+
+_PORTABLE_BUILD = """
+import sys, torch
+from metaspo_hf.models import decode_kernel
+decode_kernel._CFLAGS = decode_kernel._CFLAGS + ["-mno-avx512bf16"]  # as on a CPU without AVX512-BF16
+ops = decode_kernel.load()
+assert ops is not None, "the portable build failed"
+inputs = torch.load(sys.argv[1])
+torch.save(ops.decode_attention(*inputs), sys.argv[2])
+"""
+
+
+def test_the_portable_loops_compute_the_same_attention(kernel, tmp_path):
+    """CPUs without AVX512-BF16 (many AMD EPYC) compile the kernel's portable loops instead of its vector paths:
+    built here in a child process with that extension turned off, they give the same attention."""
+    query, keys, values, mask, prefix_keys, prefix_values = _inputs(5, 12, 2, 128, 37, 60, 41)
+    inputs = (query[:, :, 0].contiguous(), prefix_keys, prefix_values, keys, values, mask, 128 ** -0.5)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "METASPO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(decode_kernel.__file__).parents[2])}
+    subprocess.run([sys.executable, "-c", _PORTABLE_BUILD, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=300)
+    portable = torch.load(tmp_path / "out.pt")
+    exact = _torch_attention(*(t.float() if t.is_floating_point() else t
+                               for t in (query, keys, values, mask, prefix_keys, prefix_values)))
+    assert torch.allclose(portable.float(), exact, rtol=2**-7, atol=1e-3)
+    assert torch.allclose(portable.float(), kernel.decode_attention(*inputs).float(), rtol=2**-7, atol=1e-3)
