@@ -19,9 +19,9 @@
 
 #include <algorithm>
 #include <bit>
-#include <type_traits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -334,7 +334,8 @@ at::Tensor rotate_store_attention(const at::Tensor& query, const at::Tensor& key
   TORCH_CHECK(key.size(1) == kv_heads * dim && value.size(1) == kv_heads * dim && cos.size(1) == dim &&
                   sin.size(1) == dim && query.size(1) % (kv_heads * dim) == 0,
               "rotate_store_attention: projections do not match the cache's heads");
-  TORCH_CHECK(keys.size(0) == rows && mask.size(0) == rows, "rotate_store_attention: rows differ from the cache's");
+  TORCH_CHECK(keys.size(0) == rows && values.size(0) == rows && mask.size(0) == rows,
+              "rotate_store_attention: rows differ from the cache's");
   TORCH_CHECK(slot >= 0 && slot < mask.size(1), "rotate_store_attention: slot ", slot, " is outside the mask");
   const int64_t heads = query.size(1) / dim;
   at::Tensor out = at::empty({rows, heads, dim}, query.options());
