@@ -270,7 +270,7 @@ class HFEngine:
             return valid[:, None, None, :slots] & causal
 
         fused = self.fused_step if whole else None
-        prefix_kv = [(k[0], v[0]) for k, v in shared.kv] if fused is not None else None
+        prefix_kv = shared.shared_kv() if fused is not None else None
         with attending_to(self.model, shared, self.kernel):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask(width), position_ids=positions,
                                 **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]

@@ -27,6 +27,10 @@ class Prefix:
     def length(self) -> int:
         return len(self.tokens)
 
+    def shared_kv(self) -> list:
+        """Per layer (keys, values) of shape [kv_heads, length, dim]: what every row of a chunk reads."""
+        return [(keys[0], values[0]) for keys, values in self.kv]
+
 
 @dataclass
 class Row:
@@ -98,7 +102,7 @@ def attending_to(model, prefix: Prefix | None, decode_kernel=None):
         yield
         return
     previous = model.config._attn_implementation
-    token = _shared_prefix_kv.set([(k[0], v[0]) for k, v in prefix.kv])
+    token = _shared_prefix_kv.set(prefix.shared_kv())
     kernel_token = _decode_kernel.set(decode_kernel)
     model.config._attn_implementation = _SHARED_PREFIX_ATTENTION
     try:
