@@ -11,7 +11,9 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    (``[pads][suffix][generated]``), and attention (``prefix.py``) scores all rows'
    queries against the single prefix copy in one matmul, then against each row's own keys (in bfloat16
    and float16 a decode step reads the whole own-token buffer, the unwritten slots masked: a strided
-   view would be copied). A mixed
+   view would be copied). A prefill too long for one score matrix (long distinct requests, such as the
+   optimizer's) attends over copies of the prefix through SDPA instead; its decode steps still read the
+   one copy. A mixed
    chunk lays each row out as ``[pads][its group's prefix][pads][suffix]`` and uses the model's own
    attention. Either way positions come from the real tokens' count, exactly as ``generate`` computes
    them for left padding, so every real token sees the same keys at the same positions as in
@@ -49,7 +51,6 @@ from .loglik import loglikelihood
 from .packed import on_packed_weights, packed_linear_weights
 from .parallel import SINGLE, Processes
 from .prefix import (
-    SHARED_PREFIX_MAX_SCORES,
     SHARED_PREFIX_SOURCES,
     BufferLayer,
     Prefix,
@@ -190,15 +191,12 @@ class HFEngine:
         rest.sort(key=lambda r: len(r.suffix))
         return chunks + [rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
 
-    def _shared_prefix(self, chunk: list[Row], width: int) -> Prefix | None:
+    def _shared_prefix(self, chunk: list[Row]) -> Prefix | None:
         """The chunk's one prefix when every row has it and attention can read it once for all rows."""
         prefix = chunk[0].prefix
         if prefix.kv is None or any(r.prefix is not prefix for r in chunk):
             return None
         if self._attention_source not in SHARED_PREFIX_SOURCES:
-            return None
-        heads = self.model.config.get_text_config().num_attention_heads
-        if len(chunk) * heads * width * (prefix.length + width) > SHARED_PREFIX_MAX_SCORES:
             return None
         return prefix
 
@@ -231,7 +229,7 @@ class HFEngine:
         batch = len(chunk)
         suffixes = [r.suffix for r in chunk]
         width = max(len(s) for s in suffixes)
-        shared = self._shared_prefix(chunk, width)
+        shared = self._shared_prefix(chunk)
         prefix_width = max(r.prefix.length for r in chunk)
         # Slots of the cache: with a shared prefix, only each row's own tokens; else prefix slots first.
         first_slot = 0 if shared is not None else prefix_width

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 @dataclass
@@ -51,8 +52,9 @@ _decode_kernel: ContextVar[object | None] = ContextVar("decode_kernel", default=
 _SHARED_PREFIX_ATTENTION = "metaspo_shared_prefix"
 # The implementations it stands in for (its math is theirs); flash-attention kernels are left alone.
 SHARED_PREFIX_SOURCES = ("sdpa", "eager")
-# Its prefill holds all scores at once, where SDPA works in tiles; past 2**22 (16 MB in float32 per layer,
-# e.g. 32 rows x 9 heads x 50 queries x 250 keys) the extra memory traffic costs more than it saves.
+# Its own prefill holds all scores at once, where SDPA works in tiles; past 2**22 (16 MB in float32 per layer,
+# e.g. 32 rows x 9 heads x 50 queries x 250 keys) that memory traffic costs more than copying the prefix in
+# front of every row for SDPA, so a longer prefill does that (its decode steps still read the one copy).
 SHARED_PREFIX_MAX_SCORES = 2**22
 
 
@@ -74,6 +76,9 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     # A whole-buffer layer hands over all its slots; the mask's width says how many are read (see BufferLayer).
     key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     batch, heads, queries, dim = query.shape
+    length = prefix_keys.shape[1]
+    if queries > 1 and batch * heads * queries * (length + key.shape[2]) > SHARED_PREFIX_MAX_SCORES:
+        return _attention_on_copies(module, query, key, value, attention_mask, prefix_keys, prefix_values, scaling)
     kv_heads = key.shape[1]
     group = heads // kv_heads * queries  # query vectors per key head and row (heads grouped as repeat_kv does)
     scaling = dim ** -0.5 if scaling is None else scaling
@@ -84,11 +89,21 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     mask = attention_mask[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, 1, group, -1)
     own_scores = own_scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).float() * scaling, dim=-1).to(query.dtype)
-    length = prefix_keys.shape[1]
     prefix_probs = probs[..., :length].transpose(0, 1).reshape(kv_heads, batch * group, length)
     out = torch.matmul(prefix_probs, prefix_values).view(kv_heads, batch, group, dim).transpose(0, 1)
     out = out + torch.matmul(probs[..., length:], value)
     return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+def _attention_on_copies(module, query, key, value, attention_mask, prefix_keys, prefix_values, scaling):
+    """A long prefill: every row gets its own copy of the prefix in front of its tokens, and SDPA (which
+    works in tiles) attends over both, as if the rows' cache held the prefix."""
+    batch, _, queries, _ = query.shape
+    keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
+    values = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
+    visible = attention_mask.new_ones((batch, 1, queries, prefix_keys.shape[1]))
+    mask = torch.cat([visible, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, keys, values, mask, scaling=scaling)
 
 
 AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)

@@ -100,6 +100,53 @@ def test_the_shared_prefix_attention_is_the_one_called(tiny_llama, tiny_tokenize
     assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 5)
 
 
+@pytest.mark.parametrize("whole_buffers", [False, True])
+def test_a_prefill_too_large_for_one_score_matrix_keeps_the_shared_prefix(tiny_llama, tiny_tokenizer, monkeypatch,
+                                                                         whole_buffers):
+    """Past ``SHARED_PREFIX_MAX_SCORES`` (here: every prefill) the rows' prefill attends over copies of the prefix
+    through SDPA; the chunk stays on the shared prefix, so its decode steps read the one copy (and the kernel,
+    where there is one). Tokens are still plain generate's."""
+    from metaspo_hf.models import prefix as prefix_module
+
+    monkeypatch.setattr(prefix_module, "SHARED_PREFIX_MAX_SCORES", 0)
+    copies, calls = [], []
+    real = prefix_module._attention_on_copies
+    monkeypatch.setattr(prefix_module, "_attention_on_copies", lambda *args: copies.append(args[1].shape) or real(*args))
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", progress=False)
+    engine.whole_buffers = whole_buffers
+    chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS[:6]]
+    with spying_on_shared_prefix_attention(lambda module, query, *args, **kwargs: calls.append(query.shape[2])):
+        got = engine.generate(chats, GenerationSettings(max_new_tokens=7))
+    assert got == plain_generate(tiny_llama, tiny_tokenizer, chats, 7)
+    layers = tiny_llama.config.num_hidden_layers
+    assert len(copies) == layers and all(shape[2] > 1 for shape in copies)  # the prefill only
+    assert calls.count(1) >= layers * 6  # every decode step still on the shared prefix
+
+
+def test_attention_on_copies_equals_the_one_score_matrix(tiny_llama):
+    """The two prefill paths of the shared-prefix attention compute the same attention (float32)."""
+    from metaspo_hf.models import prefix as prefix_module
+
+    torch.manual_seed(0)
+    module = tiny_llama.model.layers[0].self_attn
+    heads, kv_heads = tiny_llama.config.num_attention_heads, tiny_llama.config.num_key_value_heads
+    dim = tiny_llama.config.hidden_size // heads
+    batch, queries, own, length = 3, 5, 9, 4
+    query = torch.randn(batch, heads, queries, dim)
+    key, value = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
+    prefix_kv = [(torch.randn(kv_heads, length, dim), torch.randn(kv_heads, length, dim))] * len(tiny_llama.model.layers)
+    mask = torch.ones(queries, own, dtype=torch.bool).tril(diagonal=own - queries)[None, None].repeat(batch, 1, 1, 1)
+    mask[1, :, :, :3] = False  # a left-padded row
+    token = prefix_module._shared_prefix_kv.set(prefix_kv)
+    try:
+        one_matrix, _ = prefix_module._shared_prefix_attention(module, query, key, value, mask)
+        on_copies, _ = prefix_module._attention_on_copies(module, query, key, value, mask, *prefix_kv[0], dim ** -0.5)
+    finally:
+        prefix_module._shared_prefix_kv.reset(token)
+    assert on_copies.shape == one_matrix.shape == (batch, queries, heads, dim)
+    torch.testing.assert_close(on_copies, one_matrix)
+
+
 def test_decode_steps_on_whole_buffers_are_token_identical_and_read_every_slot(tiny_llama, tiny_tokenizer):
     """Whole-buffer reads (on by default outside float32) forced on in float32: the unwritten slots are
     masked and zero, so the tokens are plain generate's; each decode step sees all the chunk's slots."""
