@@ -331,6 +331,27 @@ def test_runs_report_medians_of_each_figure_and_whether_the_ids_held():
     assert w1.Runs.of(results[::2]).as_dict()["ids_stable_across_runs"] is True
 
 
+def test_variants_are_timed_round_by_round_with_their_own_settings():
+    """One run of each variant per round, so drift reaches all alike; each keeps its settings and its
+    prefill is split on its own model."""
+    order, models = [], [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+
+    def run_of(name, model):
+        def run():
+            order.append(name)
+            model(torch.ones(1, 1, 2))  # a "prefill": more than one token per row
+            return [[len(order)]]
+        return run
+
+    contenders = {"a": w1.Contender(models[0], run_of("a", models[0])),
+                  "b": w1.Contender(models[1], run_of("b", models[1]), {"dtype": "bfloat16"})}
+    runs = w1.interleaved(contenders, 3)
+    assert order == ["a", "b"] * 3
+    assert runs["a"].settings is None and runs["b"].settings == {"dtype": "bfloat16"}
+    assert len(runs["b"].timings) == 3 and all(t.prefill_s > 0 for t in runs["b"].timings)
+    assert runs["a"].ids == [[1]] and runs["a"].ids_stable is False  # each run returned other ids
+
+
 def test_w3_and_w4_generate_their_tokens_on_every_row(tiny_llama, tiny_tokenizer):
     for workload in (w1.W3_QUICK, w4.QUICK):
         runs = w1.run_hf_variants(tiny_llama, tiny_tokenizer, workload).variants

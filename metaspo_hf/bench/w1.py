@@ -21,7 +21,9 @@ W3 (``W3``) is the same chats with 256 new tokens each: decode-heavy. W4 (``w4.p
 harness on long optimizer-shaped requests.
 
 Each variant is timed ``repeats`` times after a warm-up and reported by its medians, with the
-fastest and slowest wall time (``Runs``). Prefill seconds are the wall time of the forward passes
+fastest and slowest wall time (``Runs``); the transformers variants are timed round by round, one run
+of each per round, so that the machine's drift reaches all of them alike (``interleaved``; all their
+model copies are held at once). Prefill seconds are the wall time of the forward passes
 that take more than one token per row (measured with forward hooks, so every variant is split the
 same way); decode is the rest.
 """
@@ -35,7 +37,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import ClassVar
 
 import torch
@@ -222,7 +223,8 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
     """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
     times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
     with ``bf16``, also the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
-    (each one that cannot run as the reason why)."""
+    (each one that cannot run as the reason why). The timed runs go round by round, one of each variant
+    per round (``interleaved``)."""
     chats = workload.build()
     prompts = prompt_ids(tokenizer, chats)
     settings = GenerationSettings(max_new_tokens=workload.new_tokens)
@@ -236,36 +238,57 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
         return [hf_generate(model, tokenizer, [p], n, eos_ids)[0] for p in prompts]
 
     hf_generate(model, tokenizer, prompts[:2], 2, eos_ids)  # warm-up, as in _warm_engine
-    variants = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
-    variants["batched"] = repeated(model, "batched", batched, repeats)
-    variants["engine"] = repeated(model, "engine", lambda: engine.generate_ids(chats, settings), repeats,
-                                  engine_settings(engine))
+    skipped: dict[str, str] = {}
+    contenders = {"batched": Contender(model, batched),
+                  "engine": _engine_contender(engine, chats, settings)}
     if bf16:
-        variants["engine_bf16"] = _engine_on_copy(model, tokenizer, "engine_bf16", chats, settings, repeats,
-                                                  _to_bfloat16)
-        variants["engine_bf16_torch_attention"] = (
-            _engine_on_copy(model, tokenizer, "engine_bf16_torch_attention", chats, settings, repeats, _to_bfloat16,
-                            attention_kernel=False)
-            if variants["engine_bf16"].settings["attention_kernel"]
-            else "engine_bf16 decodes on torch's attention too (the decode-attention kernel does not apply here)")
+        converted = copy.deepcopy(model).to(torch.bfloat16)
+        contenders["engine_bf16"] = _engine_contender(_warm_engine(converted, tokenizer, chats), chats, settings)
+        if contenders["engine_bf16"].settings["attention_kernel"]:
+            # The same bfloat16 copy: the two differ only in their decode steps.
+            contenders["engine_bf16_torch_attention"] = _engine_contender(
+                _warm_engine(converted, tokenizer, chats, attention_kernel=False), chats, settings)
+        else:
+            skipped["engine_bf16_torch_attention"] = ("engine_bf16 decodes on torch's attention too (the "
+                                                      "decode-attention kernel does not apply here)")
     for name, quantization in INT8_VARIANTS.items() if int8 else ():
         try:
-            variants[name] = _engine_on_copy(model, tokenizer, name, chats, settings, repeats,
-                                             partial(_quantized, quantization=quantization))
+            converted = copy.deepcopy(model)
+            recorded = _quantized(converted, quantization)
+            contender = _engine_contender(_warm_engine(converted, tokenizer, chats), chats, settings)
+            contenders[name] = Contender(converted, contender.run, {**contender.settings, **recorded})
         except Exception as error:  # a missing library, or one that fails on this machine: never the benchmark
-            variants[name] = _why(error)
+            skipped[name] = _why(error)
+    variants: dict[str, Runs | str] = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
+    variants.update(interleaved(contenders, repeats))
+    variants.update(skipped)
     return HFRuns(variants, prompts, sorted(eos_ids))
 
 
-def _engine_on_copy(model, tokenizer, name: str, chats: list[Chat], settings: GenerationSettings, repeats: int,
-                    convert: Callable[[torch.nn.Module], dict], attention_kernel: bool = True) -> Runs:
-    """The engine on a copy of ``model`` changed in place by ``convert`` (which returns settings to record):
-    the float32 model stays as the other variants use it."""
-    converted = copy.deepcopy(model)
-    recorded = convert(converted)
-    engine = _warm_engine(converted, tokenizer, chats, attention_kernel)
-    return repeated(converted, name, lambda: engine.generate_ids(chats, settings), repeats,
-                    {**engine_settings(engine), **recorded})
+@dataclass
+class Contender:
+    """One timed variant: the model its forward hooks split prefill on, what one run calls, what to record."""
+
+    model: torch.nn.Module
+    run: Callable[[], list[list[int]]]
+    settings: dict | None = None
+
+
+def _engine_contender(engine: HFEngine, chats: list[Chat], settings: GenerationSettings) -> Contender:
+    return Contender(engine.model, lambda: engine.generate_ids(chats, settings), engine_settings(engine))
+
+
+def interleaved(contenders: dict[str, Contender], repeats: int) -> dict[str, Runs]:
+    """Each contender timed ``repeats`` times, round by round (one run of each per round, in order): this
+    machine's speed drifts by tens of percent within minutes, and variants timed one after another would
+    carry that drift into their ratios; interleaved, every variant sees the same drift."""
+    results: dict[str, list] = {name: [] for name in contenders}
+    for round_number in range(1, repeats + 1):
+        for name, contender in contenders.items():
+            results[name].append(timed(contender.model, contender.run))
+            print(f"[bench]   round {round_number}/{repeats} {name}: {results[name][-1][1].wall_s:.2f} s",
+                  file=sys.stderr, flush=True)
+    return {name: Runs.of(results[name], contenders[name].settings) for name in contenders}
 
 
 def _why(error: Exception) -> str:
@@ -275,11 +298,6 @@ def _why(error: Exception) -> str:
         return error.one_line()
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _to_bfloat16(model) -> dict:
-    model.to(torch.bfloat16)
-    return {}
 
 
 def _quantized(model, quantization: str) -> dict:
