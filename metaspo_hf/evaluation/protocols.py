@@ -145,14 +145,18 @@ def test_time_adaptation(
     Every (system prompt, task) beam advances together: one optimizer batch per phase, one scoring
     batch per iteration, and one test batch at the end.
     """
-    tracks = [(system_prompts[label], task) for label in system_prompts for task in tasks]
+    # Labels with the same text (a run that returned the default) share one search: the same experiment
+    # run twice would only differ by the optimizer's sampling and cost its calls twice.
+    distinct = list(dict.fromkeys(system_prompts.values()))
+    tracks = [(system, task) for system in distinct for task in tasks]
     per_iteration, counts = adapt_user_prompts(
         tasks, tracks, base, optimizer, search or SearchConfig(), seed, config.adapt_iterations, config.beam,
         config.adapt_candidates, lambda task: _test_examples(task, test_size), on_event)
     results: dict[str, dict[str, list[float]]] = {task.name: {} for task in tasks}
-    labelled = [(label, task) for label in system_prompts for task in tasks]
-    for t, (label, task) in enumerate(labelled):
-        results[task.name][label] = [scores[t] for scores in per_iteration]
+    for label, system in system_prompts.items():
+        for k, task in enumerate(tasks):
+            track = distinct.index(system) * len(tasks) + k
+            results[task.name][label] = [scores[track] for scores in per_iteration]
     if on_event:
         on_event({"event": "test_time_adaptation", "scores": results, **counts})
     return results

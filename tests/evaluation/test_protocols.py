@@ -171,3 +171,20 @@ def test_test_time_adaptation_reports_test_scores_per_iteration_for_each_system_
     # older one), so its best prompts equal iteration 1's and are generated once.
     assert batch_sizes(base) == [tracks * 4, tracks * 2 * 4, tracks * 4 * 4, tracks * 2 * 4]
     assert events[-1]["event"] == "test_time_adaptation" and events[-1]["scores"] == curves
+
+
+def test_test_time_adaptation_searches_once_for_labels_with_the_same_system_prompt():
+    def correct(system, user):
+        return "Think it through" in user and question_index(user) % 2 == 0
+
+    tasks = [make_task("a", n_train=4, n_test=4), make_task("b", n_train=4, n_test=4)]
+    base, optimizer = base_lm(correct), optimizer_lm()
+    budget = EvaluationConfig(adapt_iterations=1, beam=1, adapt_candidates=2)
+    curves = protocols.test_time_adaptation(
+        tasks, {"default": "same", "metaspo": "same", "other": ""}, base, optimizer, budget, seed=0,
+        search=SearchConfig(train_size=4))
+    for task in ("a", "b"):
+        assert curves[task]["default"] == curves[task]["metaspo"]
+        assert set(curves[task]) == {"default", "metaspo", "other"}
+    # 2 distinct system prompts x 2 tasks are searched, not 3 x 2.
+    assert batch_sizes(optimizer) == [2 * 2 * 1 * 2] * 2
