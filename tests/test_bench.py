@@ -47,6 +47,14 @@ def two_chats(tokenizer, ids: list[list[int]], *names: str) -> tuple[w1.Workload
                                prompts=w1.prompt_ids(tokenizer, workload.build()), eos_ids=[])
 
 
+def llama_cpp_rounds(workload: w1.Workload, ggufs: dict, hf: w1.HFRuns, rounds: int, every_path: bool = False) -> dict:
+    """The llama.cpp variants of ``ggufs`` after ``rounds`` rounds, as the benchmark runs them beside its own."""
+    llama = bench.LlamaCppRounds(workload, ggufs, every_path)
+    for _ in range(rounds):
+        llama.run_round(hf.prompts, hf.eos_ids)
+    return bench._llama_cpp_variants(llama, hf)
+
+
 def token_7_worker(runs: str, paths: str) -> str:
     """A stand-in worker's script that generates token 7 throughout: ``runs`` and ``paths`` are Python
     expressions for its timed runs and its paths' figures, with ``job`` and ``ids`` (per prompt) in scope."""
@@ -253,10 +261,14 @@ def test_suppressed_eos_generates_exactly_max_new_tokens(tiny_llama, tiny_tokeni
 
 
 def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_tokenizer, tmp_path, monkeypatch):
-    fake_worker(tmp_path, monkeypatch, "import os, signal, sys\nprint('llama_decode: bad batch', file=sys.stderr, "
-                "flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    starts = tmp_path / "starts"
+    fake_worker(tmp_path, monkeypatch, f"import os, signal, sys\nopen({str(starts)!r}, 'a').write('x')\n"
+                "print('llama_decode: bad batch', file=sys.stderr, flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     hf = w1.HFRuns(variants={}, prompts=w1.prompt_ids(tiny_tokenizer, w1.QUICK.build()), eos_ids=[])
-    figures = bench._llama_cpp(w1.QUICK, tmp_path / "model.gguf", hf, repeats=1, which=llama_cpp.PATHS)
+    variants = llama_cpp_rounds(w1.QUICK, {"Q8_0": tmp_path / "model.gguf"}, hf, rounds=3)
+    assert variants["llama_cpp"] == {"skipped": "no llama.cpp variant ran"}
+    figures = variants["llama_cpp_q8_0"]
+    assert starts.read_text() == "x"  # not started again in the later rounds
     assert figures["skipped"] == "every llama.cpp path failed"
     failure = figures["paths"]["worker"]["failed"]
     assert "killed by SIGSEGV" in failure and "llama_decode: bad batch" in failure
@@ -264,12 +276,14 @@ def test_a_crashing_llama_cpp_worker_fails_its_variant_not_the_benchmark(tiny_to
 
 
 def test_llama_cpp_paths_report_the_medians_of_the_workers_runs(tiny_tokenizer, tmp_path, monkeypatch):
-    # A stand-in worker: every path generates token 7 throughout, in runs of 2, 4 and 3 seconds.
-    fake_worker(tmp_path, monkeypatch, token_7_worker(
-        runs="[{'wall_s': w, 'prefill_s': w / 4, 'ids': ids} for w in (2.0, 4.0, 3.0)[:job['repeats']]]",
-        paths="{'batched_split': {'runs': runs}, 'high_level': {'failed': 'no'}}"))
+    # A stand-in worker: every path generates token 7 throughout, one timed run a round, of 2, 4 and 3 seconds.
+    started = tmp_path / "started"
+    fake_worker(tmp_path, monkeypatch, f"import os\nrounds = open({str(started)!r}, 'a+')\nrounds.write('x')\n"
+                "rounds.seek(0)\nw = (2.0, 4.0, 3.0)[len(rounds.read()) - 1]\n" + token_7_worker(
+                    runs="[{'wall_s': w, 'prefill_s': w / 4, 'ids': ids}] * job['repeats']",
+                    paths="{'batched_split': {'runs': runs}, 'high_level': {'failed': 'no'}}"))
     workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 7, 8]], "batched")
-    figures = bench._llama_cpp(workload, tmp_path / "model.gguf", hf, repeats=3, which=llama_cpp.PATHS)
+    figures = llama_cpp_rounds(workload, {"F16": tmp_path / "model.gguf"}, hf, rounds=3)["llama_cpp_f16"]
     assert (figures["path"], figures["runs"], figures["wall_s"], figures["wall_s_min"], figures["wall_s_max"]) == (
         "batched_split", 3, 3.0, 2.0, 4.0)
     assert (figures["tok_s"], figures["prefill_s"], figures["rows_equal_to_batched"]) == (2.0, 0.75, 1)
@@ -283,10 +297,10 @@ def test_only_the_f32_file_on_w1_runs_the_one_chat_at_a_time_path(tiny_tokenizer
         paths="{p: {'runs': runs} for p in job['paths']}"))
     workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 7, 7]], "batched", "engine")
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "Q8_0")}
-    on_w1 = bench._llama_cpp_variants(workload, ggufs, hf, repeats=1, every_path=True)
+    on_w1 = llama_cpp_rounds(workload, ggufs, hf, rounds=1, every_path=True)
     assert list(on_w1["llama_cpp_f32"]["paths"]) == ["batched_unified", "batched_split", "high_level"]
     assert list(on_w1["llama_cpp_q8_0"]["paths"]) == ["batched_unified", "batched_split"]
-    elsewhere = bench._llama_cpp_variants(workload, ggufs, hf, repeats=1)
+    elsewhere = llama_cpp_rounds(workload, ggufs, hf, rounds=1)
     assert list(elsewhere["llama_cpp_f32"]["paths"]) == ["batched_unified", "batched_split"]
 
 
@@ -345,11 +359,31 @@ def test_variants_are_timed_round_by_round_with_their_own_settings():
 
     contenders = {"a": w1.Contender(models[0], run_of("a", models[0])),
                   "b": w1.Contender(models[1], run_of("b", models[1]), {"dtype": "bfloat16"})}
-    runs = w1.interleaved(contenders, 3)
-    assert order == ["a", "b"] * 3
+    runs = w1.interleaved(contenders, 3, after_round=lambda: order.append("llama.cpp"))
+    assert order == ["a", "b", "llama.cpp"] * 3
     assert runs["a"].settings is None and runs["b"].settings == {"dtype": "bfloat16"}
     assert len(runs["b"].timings) == 3 and all(t.prefill_s > 0 for t in runs["b"].timings)
     assert runs["a"].ids == [[1]] and runs["a"].ids_stable is False  # each run returned other ids
+
+
+def test_llama_cpp_runs_round_by_round_beside_the_transformers_variants(tiny_llama, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Each round times every transformers variant once, then each llama.cpp format once: drift reaches
+    llama.cpp's figures as it reaches the others'."""
+    fake_worker(tmp_path, monkeypatch, token_7_worker(
+        runs="[{'wall_s': 1.0, 'prefill_s': 0.5, 'ids': ids}] * job['repeats']",
+        paths="{p: {'runs': runs} for p in job['paths']}"))
+    ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F16", "Q8_0")}
+    figures = bench.generation(tiny_llama, tiny_tokenizer, ggufs, w1.W3_QUICK, repeats=2)
+    events = [line for line in capsys.readouterr().err.splitlines() if "round" in line or "llama.cpp on" in line]
+    per_round = ["round {r}/2 batched", "round {r}/2 engine", "round {r}/2 engine_bf16",
+                 "round {r}/2 engine_bf16_torch_attention", "llama.cpp on " + str(ggufs["F16"]),
+                 "llama.cpp on " + str(ggufs["Q8_0"])]
+    kernel = "engine_bf16_torch_attention" in figures["variants"] and "skipped" not in figures["variants"][
+        "engine_bf16_torch_attention"]
+    expected = [e.format(r=r) for r in (1, 2) for e in per_round if kernel or "torch_attention" not in e]
+    assert len(events) == len(expected) and all(e in line for e, line in zip(expected, events, strict=True))
+    assert figures["variants"]["llama_cpp_q8_0"]["runs"] == 2
 
 
 def test_w3_and_w4_generate_their_tokens_on_every_row(tiny_llama, tiny_tokenizer):
@@ -487,7 +521,7 @@ def format_variants(tiny_tokenizer, tmp_path, monkeypatch):
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F32", "F16", "BF16", "Q8_0")}
     ggufs |= {"Q4_0": "no quantizer", "Q4_1": tmp_path / "packaged.gguf"}
     workload, hf = two_chats(tiny_tokenizer, [[7, 7, 7], [7, 8, 7]], "batched", "engine")
-    return bench._llama_cpp_variants(workload, ggufs, hf, repeats=1), hf.variants["engine"]
+    return llama_cpp_rounds(workload, ggufs, hf, rounds=1), hf.variants["engine"]
 
 
 def test_each_gguf_format_is_a_llama_cpp_variant_and_the_fastest_is_the_best(format_variants):

@@ -146,7 +146,9 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     ``naive_runs``: None where the workload has no naive variant, 0 to list it as skipped; ``int8``: None
     where it has no int8 variants, False to list them as skipped; ``every_llama_path``: the F32 file also runs
     llama.cpp's one-chat-at-a-time path (else only the batched ones run)."""
-    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8))
+    llama = LlamaCppRounds(workload, ggufs, every_llama_path)
+    hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8),
+                            beside=llama.run_round)
     limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
     batched_ids = hf.variants["batched"].ids
     variants = {}
@@ -164,7 +166,7 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
         variants.update({name: {"skipped": "int8 variants turned off (--no-int8)"} for name in w1.INT8_VARIANTS})
     if naive_runs == 0:
         variants = {"naive": {"skipped": "naive runs set to 0"}, **variants}
-    variants.update(_llama_cpp_variants(workload, ggufs, hf, repeats, every_llama_path))
+    variants.update(_llama_cpp_variants(llama, hf))
     identity = w1.identity(hf.variants["engine"].ids, batched_ids)
     return {
         "workload": {**w1.workload_info(workload, tokenizer, hf.prompts), "repeats": repeats,
@@ -177,29 +179,65 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     }
 
 
-def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf: w1.HFRuns, repeats: int,
-                        every_path: bool = False) -> dict:
+class LlamaCppRounds:
+    """The llama.cpp variants of one workload, one timed run of each format per round, run after each round of
+    the transformers variants (``w1.interleaved``), so that the ratios against llama.cpp carry no more of this
+    machine's drift than the others do. Each round starts every format's worker anew (its load and warm-up are
+    not timed); a format whose worker crashed is not run again."""
+
+    def __init__(self, workload: w1.Workload, ggufs: dict[str, Path | str], every_path: bool = False):
+        from . import llama_cpp  # as w2: `python -m metaspo_hf.bench.llama_cpp` runs it alone
+
+        self.workload, self.every_path = workload, every_path
+        self.skipped = llama_cpp.skip_reason()
+        self.files = {} if self.skipped else ggufs
+        # Per format, the worker's results of every round so far: {"version", "build", "paths": {path: ...}}.
+        self.measured: dict[str, dict] = {}
+
+    def run_round(self, prompts: list[list[int]], eos_ids: list[int]) -> None:
+        from . import llama_cpp
+
+        for fmt, file in self.files.items():
+            if isinstance(file, str) or "worker" in self.measured.get(fmt, {}).get("paths", {}):
+                continue  # no file, or its worker crashed in an earlier round
+            print(f"[bench] llama.cpp on {file}", file=sys.stderr, flush=True)
+            # The F32 file holds the engine's float32 weights, so its tokens should be the engine's: a check of
+            # the worker itself; the one-chat-at-a-time path runs only there.
+            paths = llama_cpp.PATHS if self.every_path and fmt == "F32" else llama_cpp.BATCHED_PATHS
+            measured = llama_cpp.measure(file, prompts, self.workload.new_tokens, self.workload.threads, eos_ids,
+                                         1, paths)
+            self.measured[fmt] = _with_round(self.measured.get(fmt), measured)
+
+
+def _with_round(so_far: dict | None, measured: dict) -> dict:
+    """One format's results with one more round's: each path's runs appended; a path that failed in any round
+    stays failed."""
+    if so_far is None:
+        return measured
+    for path, figures in measured["paths"].items():
+        kept = so_far["paths"].get(path)
+        if kept is None or "failed" in figures:
+            so_far["paths"][path] = figures
+        elif "failed" not in kept:
+            kept["runs"].extend(figures["runs"])
+    return so_far
+
+
+def _llama_cpp_variants(rounds: LlamaCppRounds, hf: w1.HFRuns) -> dict:
     """One llama.cpp variant per GGUF format (``llama_cpp_<format>``, each its best path), then ``llama_cpp``:
     the fastest of them, naming its variant, format and path; only ``llama_cpp``, skipped, while llama.cpp
     cannot run."""
-    from . import llama_cpp  # as w2: `python -m metaspo_hf.bench.llama_cpp` runs it alone
-
-    reason = llama_cpp.skip_reason()
-    if reason:
-        print(f"[bench] llama.cpp skipped: {reason}", file=sys.stderr, flush=True)
-        return {"llama_cpp": {"skipped": reason}}
+    if rounds.skipped:
+        print(f"[bench] llama.cpp skipped: {rounds.skipped}", file=sys.stderr, flush=True)
+        return {"llama_cpp": {"skipped": rounds.skipped}}
     variants = {}
-    for fmt, file in ggufs.items():
+    for fmt, file in rounds.files.items():
         name = f"llama_cpp_{fmt.lower()}"
         if isinstance(file, str):
             variants[name] = {"format": fmt, "skipped": file}
             continue
-        print(f"[bench] llama.cpp on {file}", file=sys.stderr, flush=True)
-        # The F32 file holds the engine's float32 weights, so its tokens should be the engine's: a check of
-        # the worker itself.
-        paths = llama_cpp.PATHS if every_path and fmt == "F32" else llama_cpp.BATCHED_PATHS
         variants[name] = {"format": fmt, "gguf": str(file),
-                          **_llama_cpp(workload, file, hf, repeats, paths, against_engine=fmt == "F32")}
+                          **_llama_cpp(rounds.measured[fmt], hf, against_engine=fmt == "F32")}
     ran = [name for name in variants if "tok_s" in variants[name]]
     if not ran:
         return {**variants, "llama_cpp": {"skipped": "no llama.cpp variant ran"}}
@@ -207,14 +245,10 @@ def _llama_cpp_variants(workload: w1.Workload, ggufs: dict[str, Path | str], hf:
     return {**variants, "llama_cpp": {"variant": best, **{k: v for k, v in variants[best].items() if k != "paths"}}}
 
 
-def _llama_cpp(workload: w1.Workload, gguf: Path, hf: w1.HFRuns, repeats: int, which: tuple[str, ...],
-               against_engine: bool = False) -> dict:
-    """The best llama.cpp path of ``which`` on one GGUF file (by tok/s) with every path's figures, or why none
-    ran. With ``against_engine``, each path's token identity with the (float32) engine's."""
-    from . import llama_cpp  # see _llama_cpp_variants
-
-    measured = llama_cpp.measure(gguf, hf.prompts, workload.new_tokens, workload.threads, hf.eos_ids, repeats,
-                                 which)
+def _llama_cpp(measured: dict, hf: w1.HFRuns, against_engine: bool = False) -> dict:
+    """The best llama.cpp path on one GGUF file (by tok/s) with every path's figures, or why none ran, from
+    the worker's ``measured`` runs. With ``against_engine``, each path's token identity with the (float32)
+    engine's."""
     paths = {}
     for path, figures in measured["paths"].items():
         if "failed" in figures:

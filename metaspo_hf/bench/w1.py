@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -219,12 +220,14 @@ COPY_VARIANTS = ("engine_bf16", "engine_bf16_torch_attention", *INT8_VARIANTS)
 
 
 def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
-                    bf16: bool = False, int8: bool = False) -> HFRuns:
+                    bf16: bool = False, int8: bool = False,
+                    beside: Callable[[list[list[int]], list[int]], None] | None = None) -> HFRuns:
     """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
     times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
     with ``bf16``, also the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
     (each one that cannot run as the reason why). The timed runs go round by round, one of each variant
-    per round (``interleaved``)."""
+    per round (``interleaved``); ``beside(prompts, eos_ids)`` is called after each round (the llama.cpp
+    variants' rounds)."""
     chats = workload.build()
     prompts = prompt_ids(tokenizer, chats)
     settings = GenerationSettings(max_new_tokens=workload.new_tokens)
@@ -260,7 +263,8 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
         except Exception as error:  # a missing library, or one that fails on this machine: never the benchmark
             skipped[name] = _why(error)
     variants: dict[str, Runs | str] = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
-    variants.update(interleaved(contenders, repeats))
+    after_round = partial(beside, prompts, sorted(eos_ids)) if beside else None
+    variants.update(interleaved(contenders, repeats, after_round))
     variants.update(skipped)
     return HFRuns(variants, prompts, sorted(eos_ids))
 
@@ -278,16 +282,19 @@ def _engine_contender(engine: HFEngine, chats: list[Chat], settings: GenerationS
     return Contender(engine.model, lambda: engine.generate_ids(chats, settings), engine_settings(engine))
 
 
-def interleaved(contenders: dict[str, Contender], repeats: int) -> dict[str, Runs]:
-    """Each contender timed ``repeats`` times, round by round (one run of each per round, in order): this
-    machine's speed drifts by tens of percent within minutes, and variants timed one after another would
-    carry that drift into their ratios; interleaved, every variant sees the same drift."""
+def interleaved(contenders: dict[str, Contender], repeats: int,
+                after_round: Callable[[], None] | None = None) -> dict[str, Runs]:
+    """Each contender timed ``repeats`` times, round by round (one run of each per round, in order, then
+    ``after_round()``): this machine's speed drifts by tens of percent within minutes, and variants timed one
+    after another would carry that drift into their ratios; interleaved, every variant sees the same drift."""
     results: dict[str, list] = {name: [] for name in contenders}
     for round_number in range(1, repeats + 1):
         for name, contender in contenders.items():
             results[name].append(timed(contender.model, contender.run))
             print(f"[bench]   round {round_number}/{repeats} {name}: {results[name][-1][1].wall_s:.2f} s",
                   file=sys.stderr, flush=True)
+        if after_round:
+            after_round()
     return {name: Runs.of(results[name], contenders[name].settings) for name in contenders}
 
 
