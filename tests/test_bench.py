@@ -408,7 +408,11 @@ def test_the_matmul_limit_counts_every_linear_layer(tiny_llama):
     # Per layer q, k, v, o, gate, up, down; then the vocabulary projection.
     assert sum(shapes.values()) == 7 * tiny_llama.config.num_hidden_layers + 1
     assert shapes[(tiny_llama.config.vocab_size, tiny_llama.config.hidden_size, False)] == 1
-    limit = matmul.limit(tiny_llama, rows=4, new_tokens=10, repeats=2)
+    rounds = matmul.LimitRounds(tiny_llama, rows=4, new_tokens=10)
+    for _ in range(2):
+        rounds.run_round([[1, 2]], [0])  # as the hook beside the variants' rounds is called
+    limit = rounds.figures()
+    assert (limit["rows"], limit["new_tokens"], limit["runs"]) == (4, 10, 2)
     for dtype in ("float32", "bfloat16"):
         assert limit[dtype]["step_s"] > 0 and limit[dtype]["decode_floor_s"] > 0
         assert set(limit[dtype]["step_s_by_shape"]) == set(limit["shapes"])
@@ -587,3 +591,19 @@ def test_llama_cpps_conversion_script_converts_the_tiny_model(tiny_model_dir, ti
         assert bench_gguf.file_format(made[fmt]) == fmt
         assert reader.fields["general.architecture"].contents() == "llama"
         assert len(reader.tensors) == len(tiny_llama.state_dict())
+
+
+def test_the_gpu_benchmark_runs_end_to_end_on_the_tiny_shape_with_a_local_tokenizer(tiny_model_dir, tmp_path):
+    """The script a lent GPU machine runs, checked here on CPU with ``--tiny`` (the machine only receives the
+    tokenizer's files, hence ``--tokenizer``)."""
+    from metaspo_hf.bench import gpu
+
+    out = tmp_path / "gpu.json"
+    results = gpu.main(["--tiny", "--tokenizer", str(tiny_model_dir), "--chats", "3", "--new-tokens", "4",
+                        "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert results["engine_identical_to_batched"] is True
+    assert results["workload"]["chats"] == 3 and results["workload"]["quant"] == "none"
+    for name in ("batched", "engine"):
+        assert results["variants"][name]["new_tokens"] == 3 * 4
+    assert results["ratios"]["engine_over_batched"] > 0

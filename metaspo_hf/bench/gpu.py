@@ -1,11 +1,13 @@
 """W1 on a GPU: a Llama-3.2-3B-shaped model with random weights (built from a config, nothing
-downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4.
+downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4 or 8-bit LLM.int8.
 
-    python -m metaspo_hf.bench.gpu --out bench/results/gpu.json [--chats 64] [--quant 4bit]
+    python -m metaspo_hf.bench.gpu --out bench/results/gpu.json [--chats 256] [--quant 4bit|8bit] [--tokenizer DIR]
 
 Random weights make the text meaningless but not the cost: every variant still runs the full
 prefill and exactly ``new_tokens`` decode steps. The prompts are W1's, tokenized by the embedded
-SmolLM2 tokenizer (the model's vocabulary is larger, so every id is valid). ``--tiny`` swaps in a
+SmolLM2 tokenizer (the model's vocabulary is larger, so every id is valid), or by the tokenizer in
+``--tokenizer DIR`` on a machine without the embedded model (a GPU machine that only receives the
+tokenizer's files). The weights are created on the GPU itself. ``--tiny`` swaps in a
 two-layer model of the same family, to check the script on a machine without a GPU. Each variant
 is timed ``--repeats`` times (medians, with the range of wall times, as in ``metaspo bench``).
 """
@@ -20,53 +22,59 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from ..models.loading import ModelSpec, load_model
+from ..models.loading import CUDA_QUANTIZATIONS, ModelSpec, load_model
 from . import REPEATS, machine, w1
 
 # Llama-3.2-3B's published shape; the weights are random, so nothing is downloaded.
 LLAMA_3_2_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                     num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
                     rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+QUANT_NAMES = {"none": "bfloat16", "4bit": "nf4 4-bit (bitsandbytes)", "8bit": "LLM.int8 8-bit (bitsandbytes)"}
 TINY = dict(LLAMA_3_2_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
 
-def build_model(shape: dict, quant: str, device: str):
+def build_model(shape: dict, quant: str, device: str, tokenizer):
     config = LlamaConfig(**shape)
     torch.manual_seed(0)
+    # Initialized where it runs: random init of 3B parameters is slow on the host's CPU.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     if quant == "none":
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
-    # bitsandbytes quantizes while loading, so the random bf16 weights go through a temporary folder.
+        return model
+    # bitsandbytes quantizes while loading, so the random weights go through a temporary folder and the
+    # product's own loader (what a recipe's `quantization: 4bit` or `8bit` runs).
     with tempfile.TemporaryDirectory(prefix="metaspo-gpu-bench-") as folder:
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                    device_map={"": device}).eval()
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        return load_model(ModelSpec(name_or_path=folder, quantization=quant))[0].eval()
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m metaspo_hf.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="JSON file for the results")
-    # 64 rows: what the 3B recipe batches on a 24 GB GPU.
-    parser.add_argument("--chats", type=int, default=64)
+    # 256 rows: what the 3B recipe batches (recipes/llama-3.2-3b-instruct.yaml).
+    parser.add_argument("--chats", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=w1.Workload.new_tokens)
-    parser.add_argument("--quant", choices=("none", "4bit"), default="none")
+    parser.add_argument("--quant", choices=("none", *CUDA_QUANTIZATIONS), default="none")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per variant (medians reported)")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, to check the script on CPU")
+    parser.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, tokenizer = load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))
-    model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device)
+    tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+                 else load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))[1])
+    model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device, tokenizer)
     workload = replace(w1.Workload(), chats=args.chats, new_tokens=args.new_tokens)
     runs = w1.run_hf_variants(model, tokenizer, workload, repeats=args.repeats)
     variants = {name: runs.variants[name].as_dict() for name in ("batched", "engine")}
     identity = w1.identity(runs.variants["engine"].ids, runs.variants["batched"].ids)
     results = {
-        "model": f"Llama-3.2-3B shape, random weights, {'bfloat16' if args.quant == 'none' else 'nf4 4-bit'}",
+        "model": f"Llama-3.2-3B shape, random weights, {QUANT_NAMES[args.quant]}",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "machine": machine(torch.get_num_threads()),
         "workload": {**w1.workload_info(workload, tokenizer, runs.prompts), "dtype": "bfloat16", "device": device,
