@@ -147,9 +147,16 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     where it has no int8 variants, False to list them as skipped; ``every_llama_path``: the F32 file also runs
     llama.cpp's one-chat-at-a-time path (else only the batched ones run)."""
     llama = LlamaCppRounds(workload, ggufs, every_llama_path)
+    # The limit too takes its turn in every round, so that the shares carry no more drift than the ratios.
+    limit_rounds = matmul.LimitRounds(model, workload.chats, workload.new_tokens)
+
+    def beside(prompts: list[list[int]], eos_ids: list[int]) -> None:
+        llama.run_round(prompts, eos_ids)
+        limit_rounds.run_round()
+
     hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8),
-                            beside=llama.run_round)
-    limit = matmul.limit(model, workload.chats, workload.new_tokens, repeats)
+                            beside=beside)
+    limit = limit_rounds.figures()
     batched_ids = hf.variants["batched"].ids
     variants = {}
     for name, runs in hf.variants.items():
@@ -393,7 +400,7 @@ def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
         for path, other in figures.get("paths", {}).items():  # a llama.cpp variant's (failed ones too)
             lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
     limit = section["matmul_limit"]
-    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, plain linear layers, median of {limit['runs']}): "
+    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, plain linear layers, median of {limit['runs']}, one per round): "
                  + "; ".join(f"{dtype} {limit[dtype]['step_s'] * 1e3:.3g} ms/step, decode floor "
                              f"{limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES)))
     for key_name, target in section.get("targets", {}).items():

@@ -2,7 +2,8 @@
 
 Every distinct weight shape of the model's linear layers (the vocabulary projection included) is
 timed with ``torch.nn.functional.linear`` on random inputs of one token per row, as many times as
-the shape occurs in one forward pass, in float32 and bfloat16. Their sum is the seconds a decode
+the shape occurs in one forward pass, in float32 and bfloat16, once in each round of the variants it is
+set against (``LimitRounds``). Their sum is the seconds a decode
 step spends in matmuls alone; times ``new_tokens``, a floor for the decode time that attention,
 norms, token picking and the rest only add to. ``share`` says how close a variant comes to it.
 """
@@ -24,17 +25,33 @@ def linear_shapes(model) -> Counter:
                    for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def limit(model, rows: int, new_tokens: int, repeats: int) -> dict:
-    """Seconds per decode step of pure matmul at ``rows`` rows (median of ``repeats``), per dtype."""
-    shapes = linear_shapes(model)
-    figures = {"rows": rows, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "runs": repeats,
-               "shapes": {_name(shape): count for shape, count in sorted(shapes.items())}}
-    for dtype in DTYPES:
-        by_shape = {_name(shape): _seconds(shape, count, rows, dtype, repeats) for shape, count in sorted(shapes.items())}
-        step = sum(by_shape.values())
-        figures[dtype_name(dtype)] = {"step_s": _significant(step), "decode_floor_s": _significant(step * new_tokens),
-                                       "step_s_by_shape": {name: _significant(s) for name, s in by_shape.items()}}
-    return figures
+class LimitRounds:
+    """The limit timed one run per round, beside the variants (``w1.interleaved`` calls ``run_round`` after each
+    round): this machine's speed drifts by tens of percent within minutes, and a limit timed once, after all the
+    rounds, carried that drift into every share (docs/benchmarks.md, the second interleaved W3 run)."""
+
+    def __init__(self, model, rows: int, new_tokens: int):
+        self.shapes = linear_shapes(model)
+        self.rows, self.new_tokens = rows, new_tokens
+        self.seconds = {dtype: {shape: [] for shape in self.shapes} for dtype in DTYPES}
+
+    def run_round(self, *_) -> None:
+        """One timed run of every shape in every dtype (the arguments of a ``beside`` hook are not needed)."""
+        for dtype, by_shape in self.seconds.items():
+            for shape, count in self.shapes.items():
+                by_shape[shape].append(_seconds(shape, count, self.rows, dtype, repeats=1))
+
+    def figures(self) -> dict:
+        """Seconds per decode step of pure matmul (each shape's median over the rounds), per dtype."""
+        runs = len(next(iter(self.seconds[DTYPES[0]].values()), []))
+        figures = {"rows": self.rows, "new_tokens": self.new_tokens, "threads": torch.get_num_threads(),
+                   "runs": runs, "shapes": {_name(shape): count for shape, count in sorted(self.shapes.items())}}
+        for dtype, by_shape in self.seconds.items():
+            medians = {_name(shape): statistics.median(times) for shape, times in sorted(by_shape.items())}
+            step = sum(medians.values())
+            figures[dtype_name(dtype)] = {"step_s": _significant(step), "decode_floor_s": _significant(step * self.new_tokens),
+                                          "step_s_by_shape": {name: _significant(t) for name, t in medians.items()}}
+        return figures
 
 
 def share(figures: dict, dtype: str, decode_s: float) -> float | None:
