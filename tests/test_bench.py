@@ -375,7 +375,8 @@ def test_llama_cpp_runs_round_by_round_beside_the_transformers_variants(tiny_lla
         paths="{p: {'runs': runs} for p in job['paths']}"))
     ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in ("F16", "Q8_0")}
     figures = bench.generation(tiny_llama, tiny_tokenizer, ggufs, w1.W3_QUICK, repeats=2)
-    events = [line for line in capsys.readouterr().err.splitlines() if "round" in line or "llama.cpp on" in line]
+    log = capsys.readouterr().err
+    events = [line for line in log.splitlines() if "round" in line or "llama.cpp on" in line]
     per_round = ["round {r}/2 batched", "round {r}/2 engine", "round {r}/2 engine_bf16",
                  "round {r}/2 engine_bf16_torch_attention", "llama.cpp on " + str(ggufs["F16"]),
                  "llama.cpp on " + str(ggufs["Q8_0"])]
@@ -384,6 +385,9 @@ def test_llama_cpp_runs_round_by_round_beside_the_transformers_variants(tiny_lla
     expected = [e.format(r=r) for r in (1, 2) for e in per_round if kernel or "torch_attention" not in e]
     assert len(events) == len(expected) and all(e in line for e, line in zip(expected, events, strict=True))
     assert figures["variants"]["llama_cpp_q8_0"]["runs"] == 2
+    # Each format's round time is in the log, and the matmul limit took its turn in each round too.
+    assert len(re.findall(r"llama\.cpp Q8_0: batched_unified 1\.00 s, batched_split 1\.00 s$", log, re.M)) == 2
+    assert figures["matmul_limit"]["runs"] == 2
 
 
 def test_w3_and_w4_generate_their_tokens_on_every_row(tiny_llama, tiny_tokenizer):
@@ -593,16 +597,18 @@ def test_llama_cpps_conversion_script_converts_the_tiny_model(tiny_model_dir, ti
         assert len(reader.tensors) == len(tiny_llama.state_dict())
 
 
-def test_the_gpu_benchmark_runs_end_to_end_on_the_tiny_shape_with_a_local_tokenizer(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_gpu_benchmark_runs_end_to_end_on_the_tiny_shape_with_a_local_tokenizer(tiny_model_dir, tmp_path, dtype):
     """The script a lent GPU machine runs, checked here on CPU with ``--tiny`` (the machine only receives the
     tokenizer's files, hence ``--tokenizer``)."""
     from metaspo_hf.bench import gpu
 
     out = tmp_path / "gpu.json"
     results = gpu.main(["--tiny", "--tokenizer", str(tiny_model_dir), "--chats", "3", "--new-tokens", "4",
-                        "--repeats", "1", "--out", str(out)])
+                        "--repeats", "1", "--dtype", dtype, "--out", str(out)])
     assert json.loads(out.read_text()) == results
     assert results["engine_identical_to_batched"] is True
+    assert results["model"].endswith(dtype) and results["workload"]["dtype"] == dtype
     assert results["workload"]["chats"] == 3 and results["workload"]["quant"] == "none"
     for name in ("batched", "engine"):
         assert results["variants"][name]["new_tokens"] == 3 * 4

@@ -214,6 +214,14 @@ class LlamaCppRounds:
             measured = llama_cpp.measure(file, prompts, self.workload.new_tokens, self.workload.threads, eos_ids,
                                          1, paths)
             self.measured[fmt] = _with_round(self.measured.get(fmt), measured)
+            print(f"[bench]   llama.cpp {fmt}: {_round_times(measured)}", file=sys.stderr, flush=True)
+
+
+def _round_times(measured: dict) -> str:
+    """One round of one format, as the bench log shows it: each path's wall time, or why it failed."""
+    return ", ".join(f"{path} " + (figures["failed"] if "failed" in figures
+                                   else " ".join(f"{run['wall_s']:.2f} s" for run in figures["runs"]))
+                     for path, figures in measured["paths"].items())
 
 
 def _with_round(so_far: dict | None, measured: dict) -> dict:

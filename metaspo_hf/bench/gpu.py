@@ -1,5 +1,6 @@
 """W1 on a GPU: a Llama-3.2-3B-shaped model with random weights (built from a config, nothing
-downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4 or 8-bit LLM.int8.
+downloaded), in bfloat16 and, when bitsandbytes is installed, 4-bit NF4 or 8-bit LLM.int8; ``--dtype float32``
+checks token identity where rounding cannot explain a difference.
 
     python -m metaspo_hf.bench.gpu --out bench/results/gpu.json [--chats 256] [--quant 4bit|8bit] [--tokenizer DIR]
 
@@ -31,17 +32,17 @@ from . import REPEATS, machine, w1
 LLAMA_3_2_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                     num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
                     rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
-QUANT_NAMES = {"none": "bfloat16", "4bit": "nf4 4-bit (bitsandbytes)", "8bit": "LLM.int8 8-bit (bitsandbytes)"}
+QUANT_NAMES = {"4bit": "nf4 4-bit (bitsandbytes)", "8bit": "LLM.int8 8-bit (bitsandbytes)"}
 TINY = dict(LLAMA_3_2_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
 
-def build_model(shape: dict, quant: str, device: str, tokenizer):
+def build_model(shape: dict, quant: str, device: str, tokenizer, dtype: torch.dtype = torch.bfloat16):
     config = LlamaConfig(**shape)
     torch.manual_seed(0)
     # Initialized where it runs: random init of 3B parameters is slow on the host's CPU.
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if quant == "none":
         return model
     # bitsandbytes quantizes while loading, so the random weights go through a temporary folder and the
@@ -62,22 +63,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quant", choices=("none", *CUDA_QUANTIZATIONS), default="none")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per variant (medians reported)")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, to check the script on CPU")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the unquantized weights' dtype (bitsandbytes computes in bfloat16)")
     parser.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                  else load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))[1])
-    model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device, tokenizer)
+    if args.quant != "none" and args.dtype != "bfloat16":
+        parser.error("--quant computes in bfloat16: leave --dtype at bfloat16")
+    dtype = getattr(torch, args.dtype)
+    model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device, tokenizer, dtype)
     workload = replace(w1.Workload(), chats=args.chats, new_tokens=args.new_tokens)
     runs = w1.run_hf_variants(model, tokenizer, workload, repeats=args.repeats)
     variants = {name: runs.variants[name].as_dict() for name in ("batched", "engine")}
     identity = w1.identity(runs.variants["engine"].ids, runs.variants["batched"].ids)
     results = {
-        "model": f"Llama-3.2-3B shape, random weights, {QUANT_NAMES[args.quant]}",
+        "model": f"Llama-3.2-3B shape, random weights, {args.dtype if args.quant == 'none' else QUANT_NAMES[args.quant]}",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "machine": machine(torch.get_num_threads()),
-        "workload": {**w1.workload_info(workload, tokenizer, runs.prompts), "dtype": "bfloat16", "device": device,
+        "workload": {**w1.workload_info(workload, tokenizer, runs.prompts), "dtype": args.dtype, "device": device,
                      "quant": args.quant, "repeats": args.repeats},
         "variants": variants,
         "ratios": {"engine_over_batched": round(variants["engine"]["tok_s"] / variants["batched"]["tok_s"], 2)},
