@@ -268,8 +268,10 @@ def _describe(event: dict) -> str:
     name = event["event"]
     if name == "search_step" and event["step"] == "guard":
         outcome = "kept" if event["kept"] else "turned down: the run returns the initial system prompt"
+        weakest = (f" (low end {event['weakest_left_out_low']:+.3f} with {event['weakest_left_out']} left out)"
+                   if "weakest_left_out" in event else "")
         return (f"{event['method']} validation guard: searched minus initial system prompt {event['difference']:+.3f} "
-                f"[{event['low']:+.3f}, {event['high']:+.3f}] on {event['items']} held-out items; {outcome}")
+                f"[{event['low']:+.3f}, {event['high']:+.3f}] on {event['items']} held-out items{weakest}; {outcome}")
     if name == "search_step":
         score = f" score {event['score']:.3f}" if isinstance(event.get("score"), (int, float)) else ""
         adopted = " (adopted)" if event.get("adopted") else ""

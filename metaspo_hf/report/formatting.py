@@ -40,7 +40,8 @@ def mean_sd(mean: float, sd: float, count: str) -> str:
 
 
 # How each search.guard_rule reads in a table; result.json written before the key existed has no "rule".
-_GUARD_RULE_WORDS = {"mean": "mean", "low": "interval low end"}
+_GUARD_RULE_WORDS = {"mean": "mean", "low": "interval low end",
+                     "broad": "interval low end, also with each task left out"}
 
 
 def guard_rule_words(guard: dict) -> str:

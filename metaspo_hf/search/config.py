@@ -11,7 +11,7 @@ from ..errors import MetaspoError, did_you_mean
 from .registry import get_method
 
 SYSTEM_EDITS = ("rewrite", "add")
-GUARD_RULES = ("mean", "low")
+GUARD_RULES = ("mean", "low", "broad")
 # The methods whose outer step writes candidates from failures (proposals.rewrite_system_prompts).
 COMPONENT_METHODS = ("metaspo", "outer_only")
 
@@ -73,7 +73,8 @@ class SearchConfig:
     # How much the searched prompt's paired gain on those questions must exceed; 0 = any gain.
     guard_margin: float = 0.0
     # Which end of that gain must pass the margin: its "mean", or the "low" end of its 95% interval (never
-    # keeps a gain inside the noise, but on 64-128 held-out items it keeps only large ones: docs/method.md).
+    # keeps a gain inside the noise, but on 64-128 held-out items it keeps only large ones: docs/method.md);
+    # "broad": the low end, also with each meta-train task left out in turn (a gain one task carries is not kept).
     guard_rule: str = "mean"
 
     def __post_init__(self):

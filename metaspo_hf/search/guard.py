@@ -6,8 +6,10 @@ one on a gain there, which on a few dozen questions can be one lucky answer. The
 next ``validation_size`` questions of each task, scores the initial and the searched system prompt on
 the same (task, user prompt, question) items — each task's initial user prompt and the best user
 prompt the search kept — and keeps the searched prompt only when its mean paired difference (or, with
-``guard_rule: low``, the low end of its 95% interval) exceeds ``guard_margin``. Otherwise the search
-returns the initial prompt, and says so.
+``guard_rule: low``, the low end of its 95% interval) exceeds ``guard_margin``. With ``guard_rule: broad``
+the low end must also exceed it on the items of the other tasks with each meta-train task left out in turn:
+a pooled gain that one task carries (one task's answer format fixed, say) is not a gain to expect on unseen
+tasks. Otherwise the search returns the initial prompt, and says so.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def validation_examples(ctx: SearchContext, task: str) -> list:
 
 def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[str, list[str]]) -> dict:
     """The guard's decision on ``system_prompt`` (the search's result) with the kept ``user_prompts``:
-    {"kept", "difference" (stats.paired_difference of searched minus initial), "rule", "margin"}."""
+    {"kept", "difference" (stats.paired_difference of searched minus initial), "rule", "margin"}, and with the
+    broad rule "task_left_out" ({task: the overall difference without it})."""
     initial = ctx.config.initial_system_prompt
     rows, trials = [], []
     for name, task in ctx.tasks.items():
@@ -45,9 +48,26 @@ def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[
     ]
     difference = paired_difference(items, SEARCHED, INITIAL, seed=ctx.seed)
     overall = difference["overall"]
-    rule = ctx.config.guard_rule
-    kept = overall[rule] > ctx.config.guard_margin
-    decision = {"kept": kept, "rule": rule, "margin": ctx.config.guard_margin, "difference": difference}
+    rule, margin = ctx.config.guard_rule, ctx.config.guard_margin
+    decision = {"rule": rule, "margin": margin, "difference": difference}
+    if rule == "broad":
+        decision["task_left_out"] = left_out = each_task_left_out(items, ctx.seed)
+        kept = overall["low"] > margin and all(stats["low"] > margin for stats in left_out.values())
+    else:
+        kept = overall[rule] > margin
+    decision = {"kept": kept, **decision}
+    weakest = min(decision.get("task_left_out", {}).items(), key=lambda pair: pair[1]["low"], default=None)
     ctx.emit(ctx.config.iterations, "guard", kept=kept, difference=round(overall["mean"], 4),
-             low=round(overall["low"], 4), high=round(overall["high"], 4), items=overall["items"])
+             low=round(overall["low"], 4), high=round(overall["high"], 4), items=overall["items"],
+             **({"weakest_left_out": weakest[0], "weakest_left_out_low": round(weakest[1]["low"], 4)} if weakest else {}))
     return decision
+
+
+def each_task_left_out(items: list[dict], seed: int) -> dict[str, dict]:
+    """Searched minus initial on the pooled items of the other tasks, for each task left out in turn (none
+    with a single task: there is nothing left to pool)."""
+    tasks = list(dict.fromkeys(item["task"] for item in items))
+    if len(tasks) < 2:
+        return {}
+    return {task: paired_difference([i for i in items if i["task"] != task], SEARCHED, INITIAL, seed=seed)["overall"]
+            for task in tasks}

@@ -68,6 +68,34 @@ def test_the_low_rule_turns_down_a_held_out_gain_whose_interval_reaches_zero_and
     assert clear.guard["difference"]["overall"]["low"] > 0 and clear.system_prompt == "Check every step."
 
 
+def test_the_broad_rule_turns_down_a_held_out_gain_that_one_task_carries_and_keeps_a_gain_every_task_shares():
+    def run(gaining_tasks: set[str], rule: str):
+        def correct(system, user):
+            i, task = question_index(user), user.split("[")[-1].split("-")[0]
+            if system == INITIAL:
+                return i % 2 == 0
+            return i < 4 or task in gaining_tasks or i % 2 == 0  # held out (4..11): right where the task gains
+
+        budget = SearchConfig(iterations=1, system_candidates=2, user_candidates=1, top_k=1, train_size=4,
+                              racing=False, guard=True, validation_size=8, guard_rule=rule)
+        tasks = [make_task(f"t{i}", n_train=12) for i in range(3)]
+        events = []
+        result = run_search("metaspo", tasks, base_lm(correct), optimizer_lm(lambda h: "Check every step."), budget,
+                            seed=1, on_event=events.append)
+        return result, events[-1]
+
+    one_task = {rule: run({"t0"}, rule) for rule in ("low", "broad")}
+    # Pooled, t0's +0.5 clears 0 (the low rule keeps it); without t0 nothing is left of the gain.
+    assert one_task["low"][0].guard["kept"] and one_task["low"][0].guard["difference"]["overall"]["low"] > 0
+    broad, event = one_task["broad"]
+    assert not broad.guard["kept"] and broad.system_prompt == INITIAL
+    assert set(broad.guard["task_left_out"]) == {"t0", "t1", "t2"} and broad.guard["task_left_out"]["t0"]["low"] <= 0
+    assert (event["weakest_left_out"], event["kept"]) == ("t0", False)
+    every_task, _ = run({"t0", "t1", "t2"}, "broad")
+    assert every_task.guard["kept"] and every_task.system_prompt == "Check every step."
+    assert all(stats["low"] > 0 for stats in every_task.guard["task_left_out"].values())
+
+
 def test_without_the_guard_the_search_result_stands_and_nothing_is_held_out():
     result, events = guarded_run("Answer from memory.", held_out_right=False, guard=False)
     assert result.system_prompt == "Answer from memory." and result.guard is None
@@ -100,7 +128,7 @@ def test_too_few_training_questions_for_the_guard_is_an_error_before_any_work():
     ({"guard": True}, "search.guard is on but search.validation_size is 0"),
     ({"guard": "yes"}, "search.guard must be true or false"),
     ({"guard_margin": 1.5}, "search.guard_margin must be a number in"),
-    ({"guard_rule": "lowest"}, "search.guard_rule must be one of mean, low"),
+    ({"guard_rule": "lowest"}, "search.guard_rule must be one of mean, low, broad"),
     ({"validation_size": -1}, "search.validation_size must be >= 0"),
 ])
 def test_bad_guard_settings_are_refused(fields, message):
