@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the unquantized weights' dtype (bitsandbytes computes in bfloat16)")
     parser.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
     args = parser.parse_args(argv)
+    if args.quant != "none" and args.dtype != "bfloat16":
+        parser.error("--quant computes in bfloat16: leave --dtype at bfloat16")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                  else load_model(ModelSpec(name_or_path="smollm2-135m-instruct", dtype="float32"))[1])
-    if args.quant != "none" and args.dtype != "bfloat16":
-        parser.error("--quant computes in bfloat16: leave --dtype at bfloat16")
     dtype = getattr(torch, args.dtype)
     model = build_model(TINY if args.tiny else LLAMA_3_2_3B, args.quant, device, tokenizer, dtype)
     workload = replace(w1.Workload(), chats=args.chats, new_tokens=args.new_tokens)
