@@ -39,7 +39,7 @@ class LimitRounds:
         """One timed run of every shape in every dtype (the arguments of a ``beside`` hook are not needed)."""
         for dtype, by_shape in self.seconds.items():
             for shape, count in self.shapes.items():
-                by_shape[shape].append(_seconds(shape, count, self.rows, dtype, repeats=1))
+                by_shape[shape].append(_seconds(shape, count, self.rows, dtype))
 
     def figures(self) -> dict:
         """Seconds per decode step of pure matmul (each shape's median over the rounds), per dtype."""
@@ -59,23 +59,20 @@ def share(figures: dict, dtype: str, decode_s: float) -> float | None:
     return _significant(figures[dtype]["decode_floor_s"] / decode_s) if decode_s > 0 else None
 
 
-def _seconds(shape: tuple[int, int, bool], count: int, rows: int, dtype: torch.dtype, repeats: int) -> float:
-    """Median seconds of ``count`` linear calls of one shape, on ``count`` distinct weights: one reused weight
-    would stay in the CPU's caches, which the model's distinct weights do not."""
+def _seconds(shape: tuple[int, int, bool], count: int, rows: int, dtype: torch.dtype) -> float:
+    """Seconds of ``count`` linear calls of one shape, on ``count`` distinct weights: one reused weight would
+    stay in the CPU's caches, which the model's distinct weights do not."""
     out_features, in_features, bias = shape
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(out_features, in_features, generator=generator).to(dtype) for _ in range(count)]
     bias_values = torch.randn(out_features, generator=generator).to(dtype) if bias else None
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    seconds = []
     with torch.inference_mode():
         torch.nn.functional.linear(x, weights[0], bias_values)  # warm-up: first-call kernel setup
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for weight in weights:
-                torch.nn.functional.linear(x, weight, bias_values)
-            seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+        started = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(x, weight, bias_values)
+        return time.perf_counter() - started
 
 
 def _name(shape: tuple[int, int, bool]) -> str:

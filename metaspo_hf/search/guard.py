@@ -49,14 +49,12 @@ def validation_guard(ctx: SearchContext, system_prompt: str, user_prompts: dict[
     difference = paired_difference(items, SEARCHED, INITIAL, seed=ctx.seed)
     overall = difference["overall"]
     rule, margin = ctx.config.guard_rule, ctx.config.guard_margin
-    decision = {"rule": rule, "margin": margin, "difference": difference}
-    if rule == "broad":
-        decision["task_left_out"] = left_out = each_task_left_out(items, ctx.seed)
-        kept = overall["low"] > margin and all(stats["low"] > margin for stats in left_out.values())
-    else:
-        kept = overall[rule] > margin
-    decision = {"kept": kept, **decision}
-    weakest = min(decision.get("task_left_out", {}).items(), key=lambda pair: pair[1]["low"], default=None)
+    left_out = each_task_left_out(items, ctx.seed) if rule == "broad" else {}
+    kept = (all(stats["low"] > margin for stats in (overall, *left_out.values())) if rule == "broad"
+            else overall[rule] > margin)
+    decision = {"kept": kept, "rule": rule, "margin": margin, "difference": difference,
+                **({"task_left_out": left_out} if rule == "broad" else {})}
+    weakest = min(left_out.items(), key=lambda pair: pair[1]["low"], default=None)
     ctx.emit(ctx.config.iterations, "guard", kept=kept, difference=round(overall["mean"], 4),
              low=round(overall["low"], 4), high=round(overall["high"], 4), items=overall["items"],
              **({"weakest_left_out": weakest[0], "weakest_left_out_low": round(weakest[1]["low"], 4)} if weakest else {}))
