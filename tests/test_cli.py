@@ -30,8 +30,9 @@ def test_ls_lists_recipes_models_and_suites(capsys):
 
 @pytest.fixture
 def offline_bigbench(tmp_path, monkeypatch):
-    """BIG-bench as validate reads it, with enough examples for the paper budget's 50 training questions."""
-    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive", count=60)))
+    """BIG-bench as validate reads it, with enough examples for every recipe's training and held-out questions
+    (the validity recipe's 16 + 64, the paper budget's 50)."""
+    monkeypatch.setenv("METASPO_BIGBENCH_ARCHIVE", str(write_fake_bigbench(tmp_path / "archive", count=100)))
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
 
 
@@ -47,7 +48,7 @@ def test_every_recipe_validates(recipe, capsys, offline_bigbench):
     assert " ok — " in out[0]
     # Every task was read: one line each, with its sample and pool sizes.
     tasks = [line for line in out[1:] if line.startswith("  ")]
-    assert tasks and all("questions, from 60 examples split by seed" in line for line in tasks)
+    assert tasks and all("questions, from 100 examples split by seed" in line for line in tasks)
 
 
 def test_validate_counts_each_tasks_examples(capsys, offline_bigbench):
@@ -55,11 +56,11 @@ def test_validate_counts_each_tasks_examples(capsys, offline_bigbench):
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(", method metaspo, 1 iteration")
     assert out[1:] == [
-        "  meta-train bigbench:navigate: 4 train + 16 held out for the guard / 40 test questions, "
-        "from 60 examples split by seed",
-        "  meta-train bigbench:sports_understanding: 4 train + 16 held out for the guard / 40 test questions, "
-        "from 60 examples split by seed",
-        "  unseen object_counting: 4 train / 56 test questions, from 60 examples split by seed",
+        "  meta-train bigbench:navigate: 4 train + 16 held out for the guard / 80 test questions, "
+        "from 100 examples split by seed",
+        "  meta-train bigbench:sports_understanding: 4 train + 16 held out for the guard / 80 test questions, "
+        "from 100 examples split by seed",
+        "  unseen object_counting: 4 train / 96 test questions, from 100 examples split by seed",
     ]
 
 
