@@ -3,18 +3,20 @@
 How a call is generated (and why it matches plain batched ``generate`` token for token):
 
 1. Chats are rendered through the tokenizer's chat template and tokenized.
-2. Rows that share a system prompt form a group; the group's longest common token prefix (at least
-   the rendered system turn) is run through the model once, batch size 1.
+2. Rows that share a system prompt form a group; rows of the group that share a longer prefix (one user
+   prompt's questions) form a cluster of their own when they fill a chunk (``prefix.prefix_clusters``).
+   Each cluster's longest common token prefix (at least the rendered system turn) is run through the
+   model once, batch size 1.
 3. Rows are cut into chunks of ``batch_size``, short suffixes first (so padding stays small): each
-   group fills whole chunks of its own, and the rows left over from all groups are pooled.
-4. A chunk of one group keeps its prefix once: the cache holds only each row's own tokens
+   cluster fills whole chunks of its own, and the rows left over from all clusters are pooled.
+4. A chunk of one cluster keeps its prefix once: the cache holds only each row's own tokens
    (``[pads][suffix][generated]``), and attention (``prefix.py``) scores all rows'
    queries against the single prefix copy in one matmul, then against each row's own keys (in bfloat16
    and float16 a decode step reads the whole own-token buffer, the unwritten slots masked: a strided
    view would be copied). A prefill too long for one score matrix (long distinct requests, such as the
    optimizer's) attends over copies of the prefix through SDPA instead; its decode steps still read the
    one copy. A mixed
-   chunk lays each row out as ``[pads][its group's prefix][pads][suffix]`` and uses the model's own
+   chunk lays each row out as ``[pads][its cluster's prefix][pads][suffix]`` and uses the model's own
    attention. Either way positions come from the real tokens' count, exactly as ``generate`` computes
    them for left padding, so every real token sees the same keys at the same positions as in
    ``[pads][prefix][suffix]``; only the order of floating-point sums differs.
@@ -57,6 +59,7 @@ from .prefix import (
     Row,
     attending_to,
     common_prefix_len,
+    prefix_clusters,
 )
 
 
@@ -128,11 +131,15 @@ class HFEngine:
             system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
             groups.setdefault(system, []).append(row)
 
-        for group in groups.values():
-            prefix = self.plan_prefix(group)
-            for row in group:
+        if self.prefix_reuse:
+            clusters = [cluster for group in groups.values() for cluster in prefix_clusters(group, self.batch_size)]
+        else:
+            clusters = [rows] if rows else []
+        for cluster in clusters:
+            prefix = self.plan_prefix(cluster)
+            for row in cluster:
                 row.prefix = prefix
-        self.stats.prefill_tokens += sum(group[0].prefix.length for group in groups.values())
+        self.stats.prefill_tokens += sum(cluster[0].prefix.length for cluster in clusters)
 
         bar = tqdm(total=len(rows), desc=desc or f"generate ({self.name})", unit="chat",
                    disable=not (self.progress and self.processes.is_main) or None, leave=False)
@@ -149,7 +156,7 @@ class HFEngine:
 
         outputs: list[list[int]] = [[] for _ in rows]
         with torch.inference_mode(), on_packed_weights(self.packed):
-            chunks = self._chunks(list(groups.values()) if self.prefix_reuse else [rows])
+            chunks = self._chunks(clusters)
             for done in self.processes.share_work(chunks, cost, run, self.stats):
                 for index, ids in done:
                     outputs[index] = ids
@@ -161,7 +168,7 @@ class HFEngine:
 
     # ---- internals -------------------------------------------------------------------------
     def plan_prefix(self, group: list[Row]) -> Prefix:
-        """The group's common token prefix (KV not computed yet: ``fill_prefix``); empty when reuse is off."""
+        """The rows' common token prefix (KV not computed yet: ``fill_prefix``); empty when reuse is off."""
         length = common_prefix_len([r.ids for r in group]) if self.prefix_reuse else 0
         # Every row needs at least one token of its own to produce its first logits.
         length = max(0, min([length] + [len(r.ids) - 1 for r in group]))
@@ -178,13 +185,13 @@ class HFEngine:
         self.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
         prefix.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
-    def _chunks(self, groups: list[list[Row]]) -> list[list[Row]]:
-        """Rows cut into chunks of ``batch_size``, short suffixes first (so padding stays small). Each group
+    def _chunks(self, clusters: list[list[Row]]) -> list[list[Row]]:
+        """Rows cut into chunks of ``batch_size``, short suffixes first (so padding stays small). Each cluster
         fills whole chunks of its own, whose prefix attention then reads once for all rows; the rows left
-        over from every group are pooled, so a chunk is never smaller than it must be."""
+        over from every cluster are pooled, so a chunk is never smaller than it must be."""
         chunks, rest = [], []
-        for group in groups:
-            ordered = sorted(group, key=lambda r: len(r.suffix))
+        for cluster in clusters:
+            ordered = sorted(cluster, key=lambda r: len(r.suffix))
             whole = len(ordered) - len(ordered) % self.batch_size
             chunks += [ordered[i:i + self.batch_size] for i in range(0, whole, self.batch_size)]
             rest += ordered[whole:]

@@ -10,15 +10,15 @@ How a call is computed (``HFEngine.loglikelihood``):
 
 1. Requests are grouped by rendered context: each distinct context is one *row* holding its distinct
    continuations (typically the options of one question). Repeated requests are computed once.
-2. Rows sharing a system prompt form a group, as in generation; the group's common token prefix is
-   run through the model once (``HFEngine.plan_prefix``, ``fill_prefix``), stopping at least one token before the
-   end of every context (the last context token's logits predict each continuation's first token).
+2. Rows sharing a system prompt form a group, and rows of one user prompt clusters within it, as in
+   generation (``prefix.prefix_clusters``); each cluster's common token prefix is run through the model
+   once (``HFEngine.plan_prefix``, ``fill_prefix``), stopping at least one token before the end of every context (the last context token's logits predict each continuation's first token).
 3. A row is packed as ``[pads][its own context tokens][its continuations' tokens]``, the continuations
    laid out as a token trie (a prefix they share, such as ``<answer>``, is computed once): each token
    attends to the prefix, the row's context and its ancestors in the trie only (a tree mask), and its
    position is the context's length plus its depth. One forward pass scores every option of a question
    while computing the question's tokens once, not once per option.
-4. A chunk holds rows of one group, as many as fit ``batch_size`` and a bound on the attention scores
+4. A chunk holds rows of one cluster, as many as fit ``batch_size`` and a bound on the attention scores
    held at once; attention reads the prefix once for all rows (``prefix.py``), and
    the vocabulary projection runs on the last positions only (where the continuations are).
 5. Without prefix reuse (the engine's ``prefix_reuse`` off, a cache with sliding-window layers, a group
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .base import LoglikRequest
 from .batching import split_on_oom
 from .packed import on_packed_weights
-from .prefix import SHARED_PREFIX_SOURCES, Prefix, Row, attending_to
+from .prefix import SHARED_PREFIX_SOURCES, Prefix, Row, attending_to, prefix_clusters
 
 # Attention scores one packed chunk may hold at once (rows x heads x queries x keys): 64 MB per layer in
 # float32. Scores of one whole row are always allowed, however long it is.
@@ -110,18 +110,22 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
     # Work units, as one process runs them: (prefix, contexts) for packed chunks on a shared prefix,
     # (None, [(context, continuation index), ...]) for plain batches.
     units: list[tuple[Prefix | None, list]] = []
+    rows = list(contexts.values())
     for group in groups.values():
-        prefix = engine.plan_prefix([c.row for c in group]) if packed else Prefix([])
-        for context in group:
-            context.row.prefix = prefix
-        engine.stats.prefill_tokens += prefix.length
-        if prefix.length:
-            units += [(prefix, chunk) for chunk in _packed_chunks(engine, group, prefix)]
-        else:
-            items = sorted(((c, k) for c in group for k, ids in enumerate(c.continuations) if ids),
-                           key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
-            units += [(None, items[start:start + engine.batch_size])
-                      for start in range(0, len(items), engine.batch_size)]
+        clusters = ([[rows[row.index] for row in cluster]
+                     for cluster in prefix_clusters([c.row for c in group], engine.batch_size)] if packed else [group])
+        for cluster in clusters:
+            prefix = engine.plan_prefix([c.row for c in cluster]) if packed else Prefix([])
+            for context in cluster:
+                context.row.prefix = prefix
+            engine.stats.prefill_tokens += prefix.length
+            if prefix.length:
+                units += [(prefix, chunk) for chunk in _packed_chunks(engine, cluster, prefix)]
+            else:
+                items = sorted(((c, k) for c in cluster for k, ids in enumerate(c.continuations) if ids),
+                               key=lambda item: len(item[0].row.ids) + len(item[0].continuations[item[1]]))
+                units += [(None, items[start:start + engine.batch_size])
+                          for start in range(0, len(items), engine.batch_size)]
 
     bar = tqdm(total=len(units), desc=desc or f"loglik ({engine.name})", unit="batch",
                disable=not (engine.progress and engine.processes.is_main) or None, leave=False)
@@ -144,7 +148,6 @@ def loglikelihood(engine, requests: Sequence[LoglikRequest], desc: str | None = 
             return sum(c.packed_length for c in chunk)
         return sum(len(c.row.ids) + len(c.continuations[k]) for c, k in chunk)
 
-    rows = list(contexts.values())
     with torch.inference_mode(), on_packed_weights(engine.packed):
         for done in engine.processes.share_work(units, cost, run, engine.stats):
             for index, k, value in done:

@@ -56,6 +56,9 @@ SHARED_PREFIX_SOURCES = ("sdpa", "eager")
 # e.g. 32 rows x 9 heads x 50 queries x 250 keys) that memory traffic costs more than copying the prefix in
 # front of every row for SDPA, so a longer prefill does that (its decode steps still read the one copy).
 SHARED_PREFIX_MAX_SCORES = 2**22
+# A cluster's prefix must be this many tokens longer than its group's: a few words that many questions begin
+# with would otherwise cut whole chunks of one user prompt into smaller, mixed ones to save a token or two.
+CLUSTER_MIN_GAIN = 8
 
 
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -126,6 +129,49 @@ def attending_to(model, prefix: Prefix | None, decode_kernel=None):
         model.config._attn_implementation = previous
         _decode_kernel.reset(kernel_token)
         _shared_prefix_kv.reset(token)
+
+
+def prefix_clusters(rows: list[Row], min_rows: int) -> list[list[Row]]:
+    """One group's rows cut into clusters that each share a prefix at least ``CLUSTER_MIN_GAIN`` tokens longer
+    than the group's, such as the questions of one user prompt among several under one system prompt; the
+    rows in no cluster stay together on the group's prefix. Only sets of ``min_rows`` rows (a chunk) become
+    clusters: a prefix of its own pays when whole chunks read it as one copy, where a mixed chunk copies each
+    row's prefix in front of it. Clusters are cut again the same way; each keeps the caller's order."""
+    if len(rows) < 2:
+        return [rows] if rows else []
+    ordered = sorted(rows, key=lambda r: r.ids)
+    found = _clusters(ordered, common_prefix_len([ordered[0].ids, ordered[-1].ids]), min_rows)
+    if not found:
+        return [rows]
+    taken = {id(row) for cluster in found for row in cluster}
+    position = {id(row): i for i, row in enumerate(rows)}
+    rest = [row for row in rows if id(row) not in taken]
+    return [sorted(cluster, key=lambda r: position[id(r)]) for cluster in found] + ([rest] if rest else [])
+
+
+def _clusters(ordered: list[Row], base: int, min_rows: int) -> list[list[Row]]:
+    """The clusters among rows sorted by tokens that share more than ``base`` tokens with each other; rows of
+    none are left out. Sorted, a set of rows with a longer common prefix sits side by side, and the common
+    prefix of a sorted range is that of its first and last rows."""
+    if len(ordered) < max(min_rows, 2):  # one row shares nothing
+        return []
+    shared = common_prefix_len([ordered[0].ids, ordered[-1].ids])
+    if shared - base >= CLUSTER_MIN_GAIN:
+        inner = [c for run in _runs(ordered, shared) for c in _clusters(run, shared, min_rows)]
+        taken = {id(row) for cluster in inner for row in cluster}
+        rest = [row for row in ordered if id(row) not in taken]
+        return inner + ([rest] if rest else [])
+    return [c for run in _runs(ordered, shared) for c in _clusters(run, base, min_rows)]
+
+
+def _runs(ordered: list[Row], shared: int) -> list[list[Row]]:
+    """Sorted rows cut where neighbours share only the ``shared`` tokens that all of them share."""
+    runs, start = [], 0
+    for i in range(1, len(ordered)):
+        if common_prefix_len([ordered[i - 1].ids, ordered[i].ids]) == shared:
+            runs.append(ordered[start:i])
+            start = i
+    return runs + [ordered[start:]]
 
 
 def common_prefix_len(sequences: list[list[int]]) -> int:

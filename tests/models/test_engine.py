@@ -63,6 +63,52 @@ def test_prefix_reuse_shares_the_system_prompt(tiny_llama, tiny_tokenizer):
     assert reused.stats.prefill_tokens < plain.stats.prefill_tokens
 
 
+def test_each_user_prompt_that_fills_a_chunk_gets_its_own_prefix(tiny_llama, tiny_tokenizer, monkeypatch):
+    # One system prompt, two long user prompts that begin alike and a few stray questions: what the unseen
+    # evaluation sends (every question of a task under each user prompt).
+    instructions = ["Read the question carefully, then weigh each option against the facts it states.",
+                    "Read the question carefully, and answer with the single option that the text supports."]
+    chats = [make_chat(SYSTEMS[0], f"{instruction}\n\n{question}")
+             for instruction in instructions for question in QUESTIONS[:6]]
+    chats += [make_chat(SYSTEMS[0], question) for question in QUESTIONS[6:]]
+    engine = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=4, progress=False)
+    filled = []
+    fill_prefix = engine.fill_prefix
+    monkeypatch.setattr(engine, "fill_prefix", lambda prefix: filled.append(prefix) or fill_prefix(prefix))
+    assert engine.generate(chats, GenerationSettings(max_new_tokens=8)) == plain_generate(tiny_llama, tiny_tokenizer,
+                                                                                          chats, 8)
+    prefixes = {tiny_tokenizer.decode(prefix.tokens) for prefix in filled}
+    # Each instruction's six questions read it from their own prefix; the two stray ones share the system turn.
+    assert len(prefixes) == 3
+    for instruction in instructions:
+        assert sum(instruction in text for text in prefixes) == 1
+    assert any(SYSTEMS[0] in text and "Read the question" not in text for text in prefixes)
+
+
+def test_questions_that_only_begin_alike_stay_on_their_user_prompt_s_prefix():
+    from metaspo_hf.models.prefix import CLUSTER_MIN_GAIN, Prefix, Row, prefix_clusters
+
+    system, instruction = [1, 2, 3], list(range(100, 100 + 2 * CLUSTER_MIN_GAIN))
+    # Eight questions start with the same two tokens (fewer than CLUSTER_MIN_GAIN): not worth a prefix of their own.
+    rows = [Row(i, system + instruction + ([7, 7] if i < 8 else [8 + i]) + [50 + i], 0) for i in range(12)]
+    assert prefix_clusters(rows, min_rows=4) == [rows]
+    # Under a second user prompt they are cut off from the first, each cluster in the caller's order.
+    other = [Row(12 + i, system + [9] * CLUSTER_MIN_GAIN + [60 + i], 0) for i in range(5)]
+    stray = [Row(17 + i, system + [70 + i], 0) for i in range(3)]
+    mixed = rows[:3] + other[:2] + stray + rows[3:] + other[2:]
+
+    def clusters(min_rows):
+        return sorted([row.index for row in cluster] for cluster in prefix_clusters(mixed, min_rows))
+
+    def indices(*groups):
+        return sorted([row.index for row in group] for group in groups)
+
+    assert clusters(4) == indices(rows, other, stray)
+    # A cluster needs a chunk's worth of rows: with 6 the second user prompt's 5 rows join the stray ones.
+    assert clusters(6) == indices(rows, [row for row in mixed if row in other or row in stray])
+    assert prefix_clusters([], min_rows=4) == [] and Prefix([]).length == 0
+
+
 @contextmanager
 def spying_on_shared_prefix_attention(record):
     """Within the block, every call of the engine's shared-prefix attention is first passed to ``record``."""

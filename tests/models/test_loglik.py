@@ -93,6 +93,28 @@ def test_prefix_and_question_tokens_are_computed_once(tiny_llama, tiny_tokenizer
     assert plain.stats.prefill_tokens > 2 * packed.stats.prefill_tokens
 
 
+def test_each_user_prompt_that_fills_a_chunk_is_computed_once(tiny_llama, tiny_tokenizer):
+    instructions = ["Read the question carefully, then weigh each option against the facts it states.",
+                    "Read the question carefully, and answer with the single option that the text supports."]
+    requests = [(make_chat(SYSTEMS[0], f"{instruction}\n\n{question}"), continuation)
+                for instruction in instructions for question in QUESTIONS for continuation in CONTINUATIONS[:2]]
+    clustered = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=4, progress=False)
+    got = clustered.loglikelihood(requests)
+    assert got == pytest.approx([plain_loglik(tiny_llama, tiny_tokenizer, chat, cont) for chat, cont in requests],
+                                abs=1e-4)
+    # With chunks of 5 rows, the 4 questions of a user prompt are no cluster: one prefix, the system turn's.
+    system_only = HFEngine(tiny_llama, tiny_tokenizer, "tiny", batch_size=5, progress=False)
+    assert system_only.loglikelihood(requests) == pytest.approx(got, abs=1e-4)
+    contexts = [clustered.encode(clustered.render(chat)) for chat, _ in requests[::2]]
+    shared = common_prefix_len(contexts)  # the system turn and the instructions' first words
+    gains = [common_prefix_len(contexts[start:start + 4]) - shared for start in (0, 4)]
+    assert min(gains) > 10
+    # Each question's context is shorter by its instruction's own tokens; the two cluster prefixes are
+    # computed where the system turn's one was.
+    assert system_only.stats.prefill_tokens - clustered.stats.prefill_tokens == \
+        4 * sum(gains) - (sum(shared + gain for gain in gains) - shared)
+
+
 def test_other_architecture_matches(tiny_tokenizer):
     from tiny import tiny_model
 
