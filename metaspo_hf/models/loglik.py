@@ -12,7 +12,8 @@ How a call is computed (``HFEngine.loglikelihood``):
    continuations (typically the options of one question). Repeated requests are computed once.
 2. Rows sharing a system prompt form a group, and rows of one user prompt clusters within it, as in
    generation (``prefix.prefix_clusters``); each cluster's common token prefix is run through the model
-   once (``HFEngine.plan_prefix``, ``fill_prefix``), stopping at least one token before the end of every context (the last context token's logits predict each continuation's first token).
+   once (``HFEngine.plan_prefix``, ``fill_prefix``), stopping at least one token before the end of every
+   context (the last context token's logits predict each continuation's first token).
 3. A row is packed as ``[pads][its own context tokens][its continuations' tokens]``, the continuations
    laid out as a token trie (a prefix they share, such as ``<answer>``, is computed once): each token
    attends to the prefix, the row's context and its ancestors in the trie only (a tree mask), and its
