@@ -143,10 +143,8 @@ def prefix_clusters(rows: list[Row], min_rows: int) -> list[list[Row]]:
     found = _clusters(ordered, common_prefix_len([ordered[0].ids, ordered[-1].ids]), min_rows)
     if not found:
         return [rows]
-    taken = {id(row) for cluster in found for row in cluster}
     position = {id(row): i for i, row in enumerate(rows)}
-    rest = [row for row in rows if id(row) not in taken]
-    return [sorted(cluster, key=lambda r: position[id(r)]) for cluster in found] + ([rest] if rest else [])
+    return [sorted(cluster, key=lambda r: position[id(r)]) for cluster in _with_the_rest(found, rows)]
 
 
 def _clusters(ordered: list[Row], base: int, min_rows: int) -> list[list[Row]]:
@@ -158,10 +156,15 @@ def _clusters(ordered: list[Row], base: int, min_rows: int) -> list[list[Row]]:
     shared = common_prefix_len([ordered[0].ids, ordered[-1].ids])
     if shared - base >= CLUSTER_MIN_GAIN:
         inner = [c for run in _runs(ordered, shared) for c in _clusters(run, shared, min_rows)]
-        taken = {id(row) for cluster in inner for row in cluster}
-        rest = [row for row in ordered if id(row) not in taken]
-        return inner + ([rest] if rest else [])
+        return _with_the_rest(inner, ordered)
     return [c for run in _runs(ordered, shared) for c in _clusters(run, base, min_rows)]
+
+
+def _with_the_rest(clusters: list[list[Row]], rows: list[Row]) -> list[list[Row]]:
+    """``clusters``, then the rows of ``rows`` in none of them as one more (if any)."""
+    taken = {id(row) for cluster in clusters for row in cluster}
+    rest = [row for row in rows if id(row) not in taken]
+    return clusters + ([rest] if rest else [])
 
 
 def _runs(ordered: list[Row], shared: int) -> list[list[Row]]:
