@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="W1's int8 engine variants, torchao and bitsandbytes (default: on; each is skipped where "
                         "its library is missing)")
+    p.add_argument("--w4-model", metavar="NAME",
+                   help="W4's model (default: qwen2.5-coder-1.5b-instruct where `make install-models` installed "
+                        "it, else the embedded smollm2-135m-instruct)")
+    p.add_argument("--llama-formats", metavar="FORMATS",
+                   help="the llama.cpp formats W3 and W4 run, comma-separated, of F16,BF16,Q8_0,Q4_0 (default: all)")
     return parser
 
 
@@ -125,7 +130,8 @@ def run_command(args: argparse.Namespace) -> None:
         from .bench import main as bench_main
 
         bench_main(out=args.out, quick=args.quick, loglik=args.loglik, workloads=args.workloads, repeats=args.repeats,
-                   naive_runs=args.naive_runs, int8=args.int8)
+                   naive_runs=args.naive_runs, int8=args.int8, w4_model=args.w4_model,
+                   llama_formats=args.llama_formats)
     else:
         phases = {"train": ("train",), "evaluate": ("evaluate",), "adapt": ("adapt",),
                   "reproduce": ("train", "evaluate", "adapt")}[command]

@@ -430,6 +430,33 @@ def test_the_workloads_can_be_chosen(tiny_llama, tiny_tokenizer, tmp_path, monke
     assert list(results["w3"]["variants"]["llama_cpp"]) == ["skipped"]
     with pytest.raises(MetaspoError, match="unknown workload"):
         bench.main(quick=True, workloads="w1,w5")
+    with pytest.raises(MetaspoError, match=r"unknown llama.cpp format\(s\) Q4_1; choose from F16, BF16, Q8_0, Q4_0"):
+        bench.main(quick=True, workloads="w3", llama_formats="q4_0,Q4_1")
+
+
+def test_w4_runs_on_its_own_model_loaded_after_the_others(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(bench, "load_model", lambda spec: loaded.append(spec.name_or_path) or (tiny_llama, tiny_tokenizer))
+    out = tmp_path / "w3-w4.json"
+    results = bench.main(out=str(out), quick=True, workloads="w4,w3", w4_model="the-optimizer")
+    assert loaded == ["the-optimizer", bench.MODEL]  # in the order asked, each once
+    assert (results["model"], results["w3"]["model"], results["w4"]["model"]) == (
+        bench.MODEL, bench.MODEL, "the-optimizer")
+    assert json.loads(out.read_text()) == results
+    tables = bench.format_tables(results)
+    assert "W4: optimizer-shaped requests" in tables and ", the-optimizer float32 on cpu" in tables
+
+
+def test_w4s_model_is_the_validity_recipes_optimizer_where_installed(monkeypatch):
+    assert bench.w4_model_name("some/model-folder") == "some/model-folder"
+
+    def not_installed(name, assemble=True):
+        raise MetaspoError(f"the packaged model {name!r} lacks 22 of its 22 parts")
+
+    monkeypatch.setattr(bench, "packaged_gguf_path", not_installed)
+    assert bench.w4_model_name() == bench.MODEL
+    monkeypatch.setattr(bench, "packaged_gguf_path", lambda name, assemble=True: Path(f"/cache/{name}.gguf"))
+    assert bench.w4_model_name() == bench.W4_MODEL == "qwen2.5-coder-1.5b-instruct"
 
 
 def test_a_llama_cpp_environment_built_with_other_flags_is_rebuilt(tmp_path, monkeypatch):
@@ -555,12 +582,12 @@ def test_each_gguf_format_is_a_llama_cpp_variant_and_the_fastest_is_the_best(for
 def test_the_table_shows_every_format_and_the_best(format_variants):
     variants, engine = format_variants
     limit = {"step_s": 1e-3, "decode_floor_s": 3e-3}
-    section = {"workload": {"chats": 2, "new_tokens": 3, "dtype": "float32", "device": "cpu", "threads": 2,
+    section = {"model": "tiny", "workload": {"chats": 2, "new_tokens": 3, "dtype": "float32", "device": "cpu", "threads": 2,
                             "shared_prefix_tokens": 1, "prompt_tokens_mean": 2.0, "repeats": 1},
                "variants": {"batched": engine.as_dict(), **variants}, "ratios": {},
                "matmul_limit": {"rows": 2, "runs": 1, "float32": limit, "bfloat16": limit},
                "engine_identical_to_batched": True, "identity": w1.identity(engine.ids, engine.ids)}
-    table = "\n".join(bench.generation_lines("w1", section, "tiny"))
+    table = "\n".join(bench.generation_lines("w1", section))
     assert re.search(r"^llama_cpp \(best\) .*llama_cpp_q8_0, batched_split", table, re.M)
     assert re.search(r"^llama_cpp_f32 .*best path: batched_split .*rows equal to engine: 1/2$", table, re.M)
     assert re.search(r"^llama_cpp_bf16 +skipped: every llama.cpp path failed\n  worker: failed: .*SIGSEGV", table, re.M)

@@ -2,7 +2,8 @@
 batch (W1), decode-heavy (W3) and on optimizer-shaped requests (W4); the cost of one meta-training
 iteration our way against the reference's way (W2); and the engine on 2 processes against one
 (``parallel``); with ``--loglik``, also `scoring: loglik` against generative scoring on
-multiple-choice questions (``loglik.py``). ``--workloads`` picks a subset.
+multiple-choice questions (``loglik.py``). ``--workloads`` picks a subset. W4 runs on the validity
+recipe's optimizer model where it is installed (``w4_model_name``), the rest on the embedded model.
 
 Every generation figure is the median of ``repeats`` timed runs (min and max of wall time kept), and
 each workload's engine decode time is set against the machine's own matmul limit (``matmul.py``).
@@ -13,6 +14,7 @@ run the whole harness on a tiny random model.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -29,6 +31,8 @@ from ..models.loading import ModelSpec, load_model, local_folder, packaged_gguf_
 from . import matmul, w1, w4  # w2 is imported where used: `python -m metaspo_hf.bench.w2` runs it alone
 
 MODEL = "smollm2-135m-instruct"
+# W4's model where it is installed (`make install-models`): the validity recipe's optimizer, whose requests W4 mimics.
+W4_MODEL = "qwen2.5-coder-1.5b-instruct"
 # The performance issue's acceptance, per workload, as ratios of medians (checked in each printed table).
 _OVER_LLAMA_CPP = {"engine_bf16_over_llama_cpp": 1.5, "engine_bf16_over_llama_cpp_bf16": 1.5}
 TARGETS = {"w1": {**_OVER_LLAMA_CPP, "engine_int8_torchao_over_llama_cpp_q8_0": 1.5},
@@ -48,44 +52,82 @@ GENERATION = {"w1": ("one scoring batch", w1.Workload(), w1.QUICK),
 
 
 def main(out: str | None = None, quick: bool = False, loglik: bool = False, workloads: str | None = None,
-         repeats: int | None = None, naive_runs: int = 1, int8: bool = True) -> dict:
+         repeats: int | None = None, naive_runs: int = 1, int8: bool = True, w4_model: str | None = None,
+         llama_formats: str | None = None) -> dict:
     """``workloads``: comma-separated names from ``WORKLOADS`` (default: all); ``repeats``: timed runs per
     variant (default 3, 1 with ``quick``); ``naive_runs``: W1's naive variant's runs (0 skips it); ``int8``:
-    W1's int8 engine variants (each skipped where its library is missing)."""
+    W1's int8 engine variants (each skipped where its library is missing); ``w4_model``: W4's model (default
+    ``w4_model_name``); ``llama_formats``: comma-separated llama.cpp formats W3 and W4 run (default
+    ``ROUNDED_FORMATS``)."""
     chosen = parse_workloads(workloads) if workloads else WORKLOADS
+    formats = parse_formats(llama_formats) if llama_formats else ROUNDED_FORMATS
     repeats = (1 if quick else REPEATS) if repeats is None else repeats
     if repeats < 1 or naive_runs < 0:
         raise MetaspoError(f"repeats must be at least 1 and naive runs at least 0 (got {repeats}, {naive_runs})")
-    name = MODEL
-    spec = ModelSpec(name_or_path=name, dtype="float32")
-    model, tokenizer = load_model(spec)
-    ggufs = gguf_files(spec) if any(key in GENERATION for key in chosen) else {}
+    # W4 on the model that answers optimizer requests in real runs; the rest on the embedded model.
+    by_model: dict[str, list[str]] = {}
+    for key in chosen:
+        by_model.setdefault(w4_model_name(w4_model) if key == "w4" else MODEL, []).append(key)
     path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"model": MODEL}
 
-    def save(results: dict) -> None:  # after every workload: a full run takes over an hour, and a stop keeps the rest
-        path.write_text(json.dumps(results, indent=2) + "\n")
+    def save(measured: dict) -> None:  # after every workload: a full run takes hours, and a stop keeps the rest
+        path.write_text(json.dumps({**results, **_sections(measured)}, indent=2) + "\n")
 
-    results = collect(model, tokenizer, ggufs, quick=quick, model_name=name, workloads=chosen, repeats=repeats,
-                      naive_runs=naive_runs, int8=int8, save=save)
-    if loglik:
-        results["loglik"] = _loglik(model, tokenizer, quick)
+    for name, keys in by_model.items():  # one model loaded at a time: the 1.5B model's copies fill the memory
+        spec = ModelSpec(name_or_path=name, dtype="float32")
+        model, tokenizer = load_model(spec)
+        ggufs = gguf_files(spec) if any(key in GENERATION for key in keys) else {}
+        measured = collect(model, tokenizer, ggufs, quick=quick, model_name=name, workloads=tuple(keys),
+                           repeats=repeats, naive_runs=naive_runs, int8=int8, save=save, llama_formats=formats)
+        results.update(_sections(measured))
+        if name == MODEL and loglik:
+            results["loglik"] = _loglik(model, tokenizer, quick)
+        del model, tokenizer
+        gc.collect()
     if "parallel" in chosen:
         from . import parallel  # as w2: `python -m metaspo_hf.bench.parallel` runs it alone
 
-        results["data_parallel"] = parallel.run(processes=2, model_name=name, quick=quick, repeats=repeats,
-                                                 threads=w1.Workload().threads)
+        results["data_parallel"] = parallel.run(processes=2, model_name=MODEL, quick=quick, repeats=repeats,
+                                                threads=w1.Workload().threads)
     print(format_tables(results))
     save(results)
     print(path)
     return results
 
 
+def _sections(measured: dict) -> dict:
+    """What ``collect`` measured on one model, less its model's name (each section names its own)."""
+    return {key: value for key, value in measured.items() if key != "model"}
+
+
+def w4_model_name(asked: str | None = None) -> str:
+    """W4's model: the one asked for, else ``W4_MODEL`` (the optimizer of the validity recipe) where it is
+    installed, else ``MODEL``."""
+    if asked:
+        return asked
+    try:
+        packaged_gguf_path(W4_MODEL, assemble=False)  # raises while its parts are not installed
+    except MetaspoError:
+        return MODEL
+    return W4_MODEL
+
+
 def parse_workloads(names: str) -> tuple[str, ...]:
-    chosen = tuple(name.strip().lower() for name in names.split(",") if name.strip())
-    unknown = [name for name in chosen if name not in WORKLOADS]
+    return _choice(names.lower(), WORKLOADS, "workload")
+
+
+def parse_formats(names: str) -> tuple[str, ...]:
+    return _choice(names.upper(), ROUNDED_FORMATS, "llama.cpp format")
+
+
+def _choice(names: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Comma-separated names, each one of ``allowed``."""
+    chosen = tuple(name.strip() for name in names.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in allowed]
     if unknown or not chosen:
-        raise MetaspoError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
+        raise MetaspoError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(allowed)}")
     return chosen
 
 
@@ -106,9 +148,11 @@ def gguf_files(spec: ModelSpec) -> dict[str, Path | str]:
 
 def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False, model_name: str = "model",
             workloads: tuple[str, ...] = ("w1", "w2", "w3", "w4"), repeats: int = 1, naive_runs: int = 1,
-            int8: bool = True, save: Callable[[dict], None] | None = None) -> dict:
+            int8: bool = True, save: Callable[[dict], None] | None = None,
+            llama_formats: tuple[str, ...] = ROUNDED_FORMATS) -> dict:
     """Every figure of the chosen workloads (of W1 to W4) as one JSON-ready dict; ``ggufs`` as ``gguf_files``
-    gives them. ``save`` is called with the figures so far after each workload."""
+    gives them; ``llama_formats``: those W3 and W4 run. ``save`` is called with the figures so far after each
+    workload."""
     threads = w1.Workload().threads
     torch.set_num_threads(threads)
     results = {"model": model_name, "machine": machine(threads)}
@@ -131,9 +175,9 @@ def collect(model, tokenizer, ggufs: dict[str, Path | str], quick: bool = False,
                 figures = generation(model, tokenizer, ggufs, workload, repeats, naive_runs, int8=int8,
                                      every_llama_path=True)
             else:  # W1 already checked the F32 file's tokens and timed the packaged one
-                figures = generation(model, tokenizer, {fmt: ggufs[fmt] for fmt in ROUNDED_FORMATS if fmt in ggufs},
+                figures = generation(model, tokenizer, {fmt: ggufs[fmt] for fmt in llama_formats if fmt in ggufs},
                                      workload, repeats)
-            results[key] = {**figures, "targets": TARGETS[key]}
+            results[key] = {"model": model_name, **figures, "targets": TARGETS[key]}
         if save:
             save(results)
     return results
@@ -350,7 +394,7 @@ def format_tables(results: dict) -> str:
     lines = []
     for key in ("w1", "w3", "w4"):
         if key in results:
-            lines += [*generation_lines(key, results[key], results["model"]), ""]
+            lines += [*generation_lines(key, results[key]), ""]
     if "w2" in results:
         lines += [*_w2_lines(results["w2"]), ""]
         for figures in results.get("w2_at_recipes", {}).values():
@@ -370,12 +414,12 @@ def format_tables(results: dict) -> str:
 LABEL = 29
 
 
-def generation_lines(key: str, section: dict, model_name: str) -> list[str]:
+def generation_lines(key: str, section: dict) -> list[str]:
     """The table of one generation workload: medians, with the range of wall times."""
     work = section["workload"]
     runs = f"medians of {work['repeats']} run(s)" + (f" (naive: {work['naive_runs']})" if "naive_runs" in work else "")
     lines = [f"{key.upper()}: {GENERATION[key][0]}: {work['chats']} chats x {work['new_tokens']} new tokens "
-             f"(EOS suppressed), greedy, {model_name} {work['dtype']} on {work['device']}, {work['threads']} threads; "
+             f"(EOS suppressed), greedy, {section['model']} {work['dtype']} on {work['device']}, {work['threads']} threads; "
              f"shared prefix {work['shared_prefix_tokens']} tokens, prompts {work['prompt_tokens_mean']} tokens on "
              f"average; {runs}",
              f"{'variant':<{LABEL}}{'tok/s':>8}{'wall s (min-max)':>23}{'prefill s':>11}{'decode s':>10}{'vs batched':>12}"
