@@ -445,6 +445,10 @@ def test_w4_runs_on_its_own_model_loaded_after_the_others(tiny_llama, tiny_token
     assert json.loads(out.read_text()) == results
     tables = bench.format_tables(results)
     assert "W4: optimizer-shaped requests" in tables and ", the-optimizer float32 on cpu" in tables
+    loaded.clear()
+    with pytest.raises(MetaspoError, match="model folder not found: ./no/such-model"):
+        bench.main(out=str(tmp_path / "never.json"), quick=True, workloads="w1,w4", w4_model="./no/such-model")
+    assert loaded == [] and not (tmp_path / "never.json").exists()  # refused before any model was loaded
 
 
 def test_w4s_model_is_the_validity_recipes_optimizer_where_installed(monkeypatch):

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from ..errors import MetaspoError
-from ..models.loading import ModelSpec, load_model, local_folder, packaged_gguf_path
+from ..models.loading import ModelSpec, check_loadable, load_model, local_folder, packaged_gguf_path
 from . import matmul, w1, w4  # w2 is imported where used: `python -m metaspo_hf.bench.w2` runs it alone
 
 MODEL = "smollm2-135m-instruct"
@@ -68,6 +68,8 @@ def main(out: str | None = None, quick: bool = False, loglik: bool = False, work
     by_model: dict[str, list[str]] = {}
     for key in chosen:
         by_model.setdefault(w4_model_name(w4_model) if key == "w4" else MODEL, []).append(key)
+    for name in by_model:  # a wrong model name fails now, not after the workloads before it have run
+        check_loadable(ModelSpec(name_or_path=name, dtype="float32"))
     path = Path(out) if out else Path("bench/results") / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"model": MODEL}
