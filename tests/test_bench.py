@@ -22,6 +22,7 @@ from metaspo_hf.models import decode_kernel, quantized
 from metaspo_hf.models.base import GenerationSettings
 from metaspo_hf.models.engine import HFEngine
 from metaspo_hf.models.loading import ModelSpec
+from metaspo_hf.models.packed import packed_linear_weights
 from metaspo_hf.paths import cache_dir
 
 
@@ -420,7 +421,29 @@ def test_the_matmul_limit_counts_every_linear_layer(tiny_llama):
     for dtype in ("float32", "bfloat16"):
         assert limit[dtype]["step_s"] > 0 and limit[dtype]["decode_floor_s"] > 0
         assert set(limit[dtype]["step_s_by_shape"]) == set(limit["shapes"])
+        # The floor is the faster kernel's; the packed one is timed wherever this torch can pack.
+        by_kernel = limit[dtype]["step_s_by_kernel"]
+        assert limit[dtype]["step_s"] == min(by_kernel.values()) == by_kernel[limit[dtype]["kernel"]]
+        assert set(by_kernel) == ({"plain", "packed"} if packed_linear_weights(tiny_llama) else {"plain"})
     assert matmul.share(limit, "float32", 0.0) is None
+
+
+def test_the_matmul_limit_times_a_bounded_number_of_weights_and_scales_to_the_count(monkeypatch):
+    timed_weights = []
+
+    def one_second_a_call(linear, x, weights, bias):
+        timed_weights.append((linear, len(weights), weights[0].dtype))
+        return float(len(weights))
+
+    monkeypatch.setattr(matmul, "_timed_calls", one_second_a_call)
+    monkeypatch.setattr(matmul, "_TIMED_BYTES_PER_SHAPE", 3 * 64 * 32 * 4)  # three float32 weights of 64x32
+    seconds = matmul._seconds((64, 32, False), count=10, rows=2, dtype=torch.float32)
+    assert [count for _, count, _ in timed_weights] == [3] * len(seconds)  # never all ten weights held
+    assert seconds == {kernel: 10.0 for kernel in seconds}  # scaled to the ten calls of a forward pass
+    assert "plain" in seconds
+    timed_weights.clear()
+    assert matmul._seconds((64, 32, True), count=2, rows=2, dtype=torch.bfloat16)["plain"] == 2.0
+    assert [count for _, count, _ in timed_weights][0] == 2  # bfloat16 weights are half the bytes: both fit
 
 
 def test_the_workloads_can_be_chosen(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):

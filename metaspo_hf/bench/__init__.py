@@ -454,9 +454,10 @@ def generation_lines(key: str, section: dict) -> list[str]:
         for path, other in figures.get("paths", {}).items():  # a llama.cpp variant's (failed ones too)
             lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
     limit = section["matmul_limit"]
-    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, plain linear layers, median of {limit['runs']}, one per round): "
-                 + "; ".join(f"{dtype} {limit[dtype]['step_s'] * 1e3:.3g} ms/step, decode floor "
-                             f"{limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES)))
+    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, the linear layers on the faster kernel, median of "
+                 f"{limit['runs']}, one per round): "
+                 + "; ".join(f"{dtype} {limit[dtype]['step_s'] * 1e3:.3g} ms/step ({limit[dtype].get('kernel', 'plain')}), "
+                             f"decode floor {limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES)))
     for key_name, target in section.get("targets", {}).items():
         value = section["ratios"].get(key_name)
         shown = f"{value:.2f}" if value is not None else "n/a"

@@ -10,39 +10,48 @@ import weakref
 from contextlib import contextmanager
 from functools import partial
 
+import psutil
 import torch
 
-# Packing copies the weights; a model whose linear layers hold more than this is left as it is.
-_PACKED_LINEARS_MAX_BYTES = 4 * 2**30
+# Packing copies the weights: the copy may take at most this share of the memory free at packing time, so
+# that the KV cache, activations and other processes keep the rest (a fixed 4 GiB cap left the 1.5B
+# optimizer model's float32 linears unpacked on a 24 GB machine, where packing them pays most).
+_PACKED_SHARE_OF_FREE_MEMORY = 0.5
 # Per model, its packed linear weights (shared by every engine on that model; gone with the model).
 _packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packed_linear_weights(model) -> dict:
     """{Linear module: its weight packed for oneDNN} for the plain float linear layers of a CPU model, else {}
-    (not on CPU, no oneDNN, over ``_PACKED_LINEARS_MAX_BYTES``, or a torch build whose packed kernel is missing
-    or disagrees). Quantized layers are left out, so a partly quantized model keeps its float ones packed."""
+    (not on CPU, no oneDNN, a copy larger than ``_PACKED_SHARE_OF_FREE_MEMORY`` of the memory free now, or a
+    torch build whose packed kernel is missing or disagrees). Quantized layers are left out, so a partly
+    quantized model keeps its float ones packed."""
     if model in _packed_weights:
         return _packed_weights[model]
     linears = [m for m in model.modules() if _plain_float_linear(m)]
     packed = {}
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if linears and torch.backends.mkldnn.is_available() and size <= _PACKED_LINEARS_MAX_BYTES:
+    if linears and torch.backends.mkldnn.is_available() and size <= packing_budget_bytes():
         try:
             with torch.inference_mode():
-                packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in linears}
+                packed = {m: packed_weight(m.weight) for m in linears}
                 probe = linears[0]
                 # Its own generator: building an engine must not move the global random state.
                 x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype,
                                 generator=torch.Generator().manual_seed(0))
                 expected = torch.nn.functional.linear(x, probe.weight, probe.bias).float()
-                agree = torch.allclose(_packed_linear(x, packed[probe], probe.bias).float(), expected,
+                agree = torch.allclose(packed_linear(x, packed[probe], probe.bias).float(), expected,
                                        rtol=1e-2, atol=1e-3)
         except (AttributeError, RuntimeError):  # an op this torch build lacks or cannot run
             agree = False
         packed = packed if agree else {}
     _packed_weights[model] = packed
     return packed
+
+
+def packing_budget_bytes() -> int:
+    """The largest copy of linear weights packing may make now."""
+    return int(psutil.virtual_memory().available * _PACKED_SHARE_OF_FREE_MEMORY)
 
 
 def _plain_float_linear(module) -> bool:
@@ -52,7 +61,12 @@ def _plain_float_linear(module) -> bool:
             and module.weight.device.type == "cpu" and module.weight.dtype in (torch.float32, torch.bfloat16))
 
 
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight in oneDNN's layout (``packed_linear`` multiplies with it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -60,7 +74,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def on_packed_weights(packed: dict):
     """Within the block, each packed Linear module computes with its packed weight (its forward shadowed)."""
     for module, weight in packed.items():
-        module.forward = partial(_packed_linear, weight=weight, bias=module.bias)
+        module.forward = partial(packed_linear, weight=weight, bias=module.bias)
     try:
         yield
     finally:

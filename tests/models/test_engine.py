@@ -3,6 +3,7 @@
 import copy
 import inspect
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -340,11 +341,20 @@ def test_the_engine_packs_the_float_linears_of_a_quantized_model_and_not_the_qua
                                                             settings))
 
 
-def test_packing_is_skipped_for_models_over_the_size_bound(tiny_tokenizer, monkeypatch):
+def test_packing_is_skipped_where_the_copy_would_not_fit_in_free_memory(tiny_tokenizer, monkeypatch):
     from tiny import tiny_model
 
     from metaspo_hf.models import packed as packed_module
+    from metaspo_hf.models.packed import packed_linear_weights
 
-    monkeypatch.setattr(packed_module, "_PACKED_LINEARS_MAX_BYTES", 1024)
     model = tiny_model(tiny_tokenizer, seed=1)  # a fresh model: packing is remembered per model
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                       if isinstance(m, torch.nn.Linear))
+    free = SimpleNamespace(available=2 * linear_bytes - 2)  # half of it is one byte short of the copy
+    monkeypatch.setattr(packed_module.psutil, "virtual_memory", lambda: free)
     assert HFEngine(model, tiny_tokenizer, "tiny", progress=False).packed == {}
+    free.available += 2  # half of it now holds the copy exactly
+    fresh = tiny_model(tiny_tokenizer, seed=1)
+    if not packed_linear_weights(fresh):
+        pytest.skip("this torch build has no usable oneDNN packed linear kernel")
+    assert set(packed_linear_weights(fresh)) == {m for m in fresh.modules() if isinstance(m, torch.nn.Linear)}
