@@ -84,8 +84,8 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         w1.QUICK.chats, w1.QUICK.new_tokens, 2, 1)
     assert 0 < work["shared_prefix_tokens"] < work["prompt_tokens_mean"]
     variants = w1_section["variants"]
-    assert list(variants) == ["naive", "batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
-                              *w1.INT8_VARIANTS, "llama_cpp"]
+    assert list(variants) == ["naive", "batched", "engine", "batched_bf16", "engine_bf16",
+                              "engine_bf16_torch_attention", *w1.INT8_VARIANTS, "llama_cpp"]
     # The tiny model's 16-dimensional heads are not what the kernel is built for: engine_bf16 is on torch's ops.
     assert variants["engine_bf16"]["settings"]["attention_kernel"] is False
     assert "does not apply" in variants["engine_bf16_torch_attention"]["skipped"]
@@ -94,7 +94,7 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         assert figures["skipped"] if "skipped" in figures else (
             figures["new_tokens"] == work["chats"] * work["new_tokens"]
             and 0 <= figures["rows_equal_to_batched"] <= work["chats"] and figures["settings"]["library"])
-    for name in ("naive", "batched", "engine", "engine_bf16"):
+    for name in ("naive", "batched", "engine", "batched_bf16", "engine_bf16"):
         figures = variants[name]
         # EOS is suppressed, so every variant generates exactly the workload's tokens.
         assert figures["new_tokens"] == work["chats"] * work["new_tokens"]
@@ -106,8 +106,10 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
         settings = variants[name]["settings"]
         assert (settings["dtype"], settings["threads"]) == (dtype, 2) and isinstance(settings["packed_linears"], bool)
         assert variants[name]["decode_share_of_matmul_limit"] > 0
-    assert "settings" not in variants["batched"] and "decode_share_of_matmul_limit" not in variants["batched"]
-    assert 0 <= variants["engine_bf16"]["rows_equal_to_batched"] <= work["chats"]
+    for name in ("batched", "batched_bf16"):  # transformers' own generate: no engine settings, no share
+        assert "settings" not in variants[name] and "decode_share_of_matmul_limit" not in variants[name]
+    for name in ("batched_bf16", "engine_bf16"):
+        assert 0 <= variants[name]["rows_equal_to_batched"] <= work["chats"]
     limit = w1_section["matmul_limit"]
     assert (limit["rows"], limit["new_tokens"], limit["runs"]) == (work["chats"], work["new_tokens"], 2)
     for dtype in ("float32", "bfloat16"):
@@ -116,7 +118,7 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     ratios = w1_section["ratios"]
     assert ratios["engine_over_llama_cpp"] is None
     # Ratios are of the reported tok/s, which come from the median wall times.
-    for a, b in (("engine", "batched"), ("engine", "naive"), ("engine_bf16", "engine")):
+    for a, b in (("engine", "batched"), ("engine", "naive"), ("engine_bf16", "engine"), ("engine_bf16", "batched_bf16")):
         assert ratios[f"{a}_over_{b}"] == round(variants[a]["tok_s"] / variants[b]["tok_s"], 2)
     assert {f"{name}_over_{b}" for name in w1.INT8_VARIANTS for b in ("batched", "engine_bf16")} <= set(ratios)
     assert w1_section["engine_identical_to_batched"] is True
@@ -124,11 +126,11 @@ def test_bench_writes_the_json_and_prints_both_tables(tiny_llama, tiny_tokenizer
     for key, workload in (("w3", w1.W3_QUICK), ("w4", w4.QUICK)):
         section = results[key]
         assert (section["workload"]["chats"], section["workload"]["new_tokens"]) == (workload.chats, workload.new_tokens)
-        assert set(section["variants"]) == {"batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
-                                            "llama_cpp"}
+        assert set(section["variants"]) == {"batched", "engine", "batched_bf16", "engine_bf16",
+                                            "engine_bf16_torch_attention", "llama_cpp"}
         assert set(section["ratios"]) == {"engine_over_batched", "engine_over_llama_cpp", "engine_bf16_over_batched",
-                                          "engine_bf16_over_engine", "engine_bf16_over_llama_cpp",
-                                          "engine_bf16_over_engine_bf16_torch_attention"}
+                                          "engine_bf16_over_batched_bf16", "engine_bf16_over_engine",
+                                          "engine_bf16_over_llama_cpp", "engine_bf16_over_engine_bf16_torch_attention"}
         for figures in (section["variants"][name] for name in ("batched", "engine", "engine_bf16")):
             assert figures["new_tokens"] == workload.chats * workload.new_tokens and figures["runs"] == 2
         assert section["variants"]["engine"]["decode_share_of_matmul_limit"] > 0
@@ -222,7 +224,7 @@ def test_int8_variants_without_their_libraries_are_skipped_with_the_reason(tiny_
     section = bench.generation(tiny_llama, tiny_tokenizer, {}, w1.Workload(chats=2, new_tokens=3), repeats=1,
                                int8=True)
     variants = section["variants"]
-    assert list(variants)[:6] == ["batched", "engine", "engine_bf16", "engine_bf16_torch_attention",
+    assert list(variants)[:7] == ["batched", "engine", "batched_bf16", "engine_bf16", "engine_bf16_torch_attention",
                                   "engine_int8_torchao", "engine_int8_bnb"]
     for name, quantization in w1.INT8_VARIANTS.items():
         library = quantized.INT8_LIBRARIES[quantization]
@@ -378,7 +380,7 @@ def test_llama_cpp_runs_round_by_round_beside_the_transformers_variants(tiny_lla
     figures = bench.generation(tiny_llama, tiny_tokenizer, ggufs, w1.W3_QUICK, repeats=2)
     log = capsys.readouterr().err
     events = [line for line in log.splitlines() if "round" in line or "llama.cpp on" in line]
-    per_round = ["round {r}/2 batched", "round {r}/2 engine", "round {r}/2 engine_bf16",
+    per_round = ["round {r}/2 batched", "round {r}/2 engine", "round {r}/2 batched_bf16", "round {r}/2 engine_bf16",
                  "round {r}/2 engine_bf16_torch_attention", "llama.cpp on " + str(ggufs["F16"]),
                  "llama.cpp on " + str(ggufs["Q8_0"])]
     kernel = "engine_bf16_torch_attention" in figures["variants"] and "skipped" not in figures["variants"][
@@ -469,8 +471,9 @@ def test_w4_runs_on_its_own_model_loaded_after_the_others(tiny_llama, tiny_token
     tables = bench.format_tables(results)
     assert "W4: optimizer-shaped requests" in tables and ", the-optimizer float32 on cpu" in tables
     loaded.clear()
-    with pytest.raises(MetaspoError, match="model folder not found: ./no/such-model"):
+    with pytest.raises(MetaspoError, match="model folder not found: ./no/such-model") as refused:
         bench.main(out=str(tmp_path / "never.json"), quick=True, workloads="w1,w4", w4_model="./no/such-model")
+    assert refused.value.hint.startswith("check --w4-model")  # the flag the user typed, not a recipe key
     assert loaded == [] and not (tmp_path / "never.json").exists()  # refused before any model was loaded
 
 

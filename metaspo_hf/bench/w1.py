@@ -6,7 +6,9 @@ variant generates exactly ``new_tokens`` tokens per chat (EOS suppressed), greed
 - ``naive``: transformers ``generate`` one chat at a time;
 - ``batched``: transformers ``generate`` on all chats at once, left-padded;
 - ``engine``: our ``HFEngine`` (shared-prefix KV, our own decode loop);
-- ``engine_bf16``: the engine on a bfloat16 copy of the model;
+- ``batched_bf16``: transformers ``generate`` on a bfloat16 copy of the model, all chats at once: the
+  baseline at the dtype the CPU recipes load where the CPU multiplies bfloat16;
+- ``engine_bf16``: the engine on that bfloat16 copy;
 - ``engine_bf16_torch_attention``: the same without the C++ decode-attention kernel (``models/decode_kernel.py``)
   and so without the fused decode step built on it (``models/decode_step.py``), its decode steps on the model's
   forward pass and torch's ops: their gain, side by side (skipped where the kernel does not apply);
@@ -215,8 +217,8 @@ INT8_VARIANTS = {"engine_int8_torchao": "int8-torchao", "engine_int8_bnb": "int8
 # Their activations (and their float layers): bfloat16, where torchao's CPU kernel runs fastest (it converts the
 # int8 weights to the activation dtype and multiplies in it: AMX for bfloat16).
 INT8_ACTIVATIONS = torch.bfloat16
-# The engine on a converted copy of the float32 model: its tokens are compared with batched generate's.
-COPY_VARIANTS = ("engine_bf16", "engine_bf16_torch_attention", *INT8_VARIANTS)
+# Variants on a converted copy of the float32 model: their tokens are compared with batched generate's.
+COPY_VARIANTS = ("batched_bf16", "engine_bf16", "engine_bf16_torch_attention", *INT8_VARIANTS)
 
 
 def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
@@ -224,7 +226,7 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
                     beside: Callable[[list[list[int]], list[int]], None] | None = None) -> HFRuns:
     """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
     times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
-    with ``bf16``, also the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
+    with ``bf16``, also batched ``generate`` and the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
     (each one that cannot run as the reason why). The timed runs go round by round, one of each variant
     per round (``interleaved``); ``beside(prompts, eos_ids)`` is called after each round (the llama.cpp
     variants' rounds)."""
@@ -234,8 +236,8 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
     engine = _warm_engine(model, tokenizer, chats)
     eos_ids, n = engine.eos_ids, workload.new_tokens
 
-    def batched():
-        return hf_generate(model, tokenizer, prompts, n, eos_ids)
+    def batched(on=model):
+        return hf_generate(on, tokenizer, prompts, n, eos_ids)
 
     def one_by_one():
         return [hf_generate(model, tokenizer, [p], n, eos_ids)[0] for p in prompts]
@@ -246,6 +248,8 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
                   "engine": _engine_contender(engine, chats, settings)}
     if bf16:
         converted = copy.deepcopy(model).to(torch.bfloat16)
+        hf_generate(converted, tokenizer, prompts[:2], 2, eos_ids)
+        contenders["batched_bf16"] = Contender(converted, partial(batched, converted))
         contenders["engine_bf16"] = _engine_contender(_warm_engine(converted, tokenizer, chats), chats, settings)
         if contenders["engine_bf16"].settings["attention_kernel"]:
             # The same bfloat16 copy: the two differ only in their decode steps.

@@ -149,8 +149,8 @@ class ModelSpec:
     batch_size: int = 32
     # Reuse the shared system-prompt KV cache across the rows of a batch.
     prefix_reuse: bool = True
-    # On CPU, run linear layers on oneDNN-packed weights: faster decode matmuls, at the cost of a second
-    # copy of those weights (skipped past 4 GiB of them; measured in docs/benchmarks.md).
+    # On CPU, run linear layers on oneDNN-packed weights: faster matmuls, at the cost of a second copy of
+    # those weights (skipped where it would take over half the free memory; measured in docs/benchmarks.md).
     packed_linears: bool = True
     # In bfloat16 on CPU, decode shared-prefix attention on our C++ kernel, built once per machine with the
     # system's C++ compiler (torch's ops, where it cannot be built); measured in docs/benchmarks.md.
