@@ -1,6 +1,7 @@
 """The `metaspo bench` harness on a tiny random model: the JSON it writes, the table it prints, and how it
 decides token identity. No timing is asserted: only that the figures are there and consistent."""
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -410,42 +411,44 @@ def test_w4_requests_are_long_distinct_and_deterministic():
     assert len({request[:20] for request in requests}) == 8
 
 
-def test_the_matmul_limit_counts_every_linear_layer(tiny_llama):
-    shapes = matmul.linear_shapes(tiny_llama)
+def test_the_matmul_limit_times_every_linear_layer_on_each_dtypes_own_model(tiny_llama):
+    layers = matmul.linear_layers(tiny_llama)
     # Per layer q, k, v, o, gate, up, down; then the vocabulary projection.
-    assert sum(shapes.values()) == 7 * tiny_llama.config.num_hidden_layers + 1
-    assert shapes[(tiny_llama.config.vocab_size, tiny_llama.config.hidden_size, False)] == 1
-    rounds = matmul.LimitRounds(tiny_llama, rows=4, new_tokens=10)
-    for _ in range(2):
-        rounds.run_round([[1, 2]], [0])  # as the hook beside the variants' rounds is called
+    assert sum(map(len, layers.values())) == 7 * tiny_llama.config.num_hidden_layers + 1
+    assert layers[(tiny_llama.config.vocab_size, tiny_llama.config.hidden_size, False)] == [tiny_llama.lm_head]
+    bf16_copy = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    int8_copy = copy.deepcopy(bf16_copy)  # its linear layers a subclass, as bitsandbytes' int8 ones are
+    up = int8_copy.model.layers[0].mlp.up_proj
+    int8_copy.model.layers[0].mlp.up_proj = type("Int8Linear", (torch.nn.Linear,), {})(
+        up.in_features, up.out_features, bias=False, dtype=torch.bfloat16)
+    timed = []
+    real_seconds = matmul._seconds
+    rounds = matmul.LimitRounds(rows=4, new_tokens=10)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matmul, "_seconds", lambda model, *args: timed.append(model) or real_seconds(model, *args))
+        for _ in range(2):  # as the hook beside the variants' rounds is called: an int8 copy is no float limit
+            rounds.run_round([[1, 2]], [0], [tiny_llama, int8_copy, bf16_copy, copy.deepcopy(bf16_copy)])
+    assert timed == [tiny_llama, bf16_copy] * 2
     limit = rounds.figures()
     assert (limit["rows"], limit["new_tokens"], limit["runs"]) == (4, 10, 2)
-    for dtype in ("float32", "bfloat16"):
+    assert sum(limit["shapes"].values()) == 7 * tiny_llama.config.num_hidden_layers + 1
+    for dtype, model in (("float32", tiny_llama), ("bfloat16", bf16_copy)):
         assert limit[dtype]["step_s"] > 0 and limit[dtype]["decode_floor_s"] > 0
         assert set(limit[dtype]["step_s_by_shape"]) == set(limit["shapes"])
-        # The floor is the faster kernel's; the packed one is timed wherever this torch can pack.
+        # The floor is the faster kernel's; the packed one is timed on the weights the engine packed.
         by_kernel = limit[dtype]["step_s_by_kernel"]
         assert limit[dtype]["step_s"] == min(by_kernel.values()) == by_kernel[limit[dtype]["kernel"]]
-        assert set(by_kernel) == ({"plain", "packed"} if packed_linear_weights(tiny_llama) else {"plain"})
+        assert set(by_kernel) == ({"plain", "packed"} if packed_linear_weights(model) else {"plain"})
     assert matmul.share(limit, "float32", 0.0) is None
 
 
-def test_the_matmul_limit_times_a_bounded_number_of_weights_and_scales_to_the_count(monkeypatch):
-    timed_weights = []
+def test_a_dtype_whose_limit_was_not_timed_has_no_share(tiny_llama):
+    rounds = matmul.LimitRounds(rows=2, new_tokens=3)
+    rounds.run_round([[1]], [0], [tiny_llama])
+    limit = rounds.figures()
+    assert "float32" in limit and "bfloat16" not in limit
+    assert matmul.share(limit, "bfloat16", 1.0) is None and matmul.share(limit, "float32", 1.0) > 0
 
-    def one_second_a_call(linear, x, weights, bias):
-        timed_weights.append((linear, len(weights), weights[0].dtype))
-        return float(len(weights))
-
-    monkeypatch.setattr(matmul, "_timed_calls", one_second_a_call)
-    monkeypatch.setattr(matmul, "_TIMED_BYTES_PER_SHAPE", 3 * 64 * 32 * 4)  # three float32 weights of 64x32
-    seconds = matmul._seconds((64, 32, False), count=10, rows=2, dtype=torch.float32)
-    assert [count for _, count, _ in timed_weights] == [3] * len(seconds)  # never all ten weights held
-    assert seconds == {kernel: 10.0 for kernel in seconds}  # scaled to the ten calls of a forward pass
-    assert "plain" in seconds
-    timed_weights.clear()
-    assert matmul._seconds((64, 32, True), count=2, rows=2, dtype=torch.bfloat16)["plain"] == 2.0
-    assert [count for _, count, _ in timed_weights][0] == 2  # bfloat16 weights are half the bytes: both fit
 
 
 def test_the_workloads_can_be_chosen(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):

@@ -201,11 +201,11 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
     llama.cpp's one-chat-at-a-time path (else only the batched ones run)."""
     llama = LlamaCppRounds(workload, ggufs, every_llama_path)
     # The limit too takes its turn in every round, so that the shares carry no more drift than the ratios.
-    limit_rounds = matmul.LimitRounds(model, workload.chats, workload.new_tokens)
+    limit_rounds = matmul.LimitRounds(workload.chats, workload.new_tokens)
 
-    def beside(prompts: list[list[int]], eos_ids: list[int]) -> None:
+    def beside(prompts: list[list[int]], eos_ids: list[int], models: list[torch.nn.Module]) -> None:
         llama.run_round(prompts, eos_ids)
-        limit_rounds.run_round()
+        limit_rounds.run_round(prompts, eos_ids, models)
 
     hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8),
                             beside=beside)
@@ -461,10 +461,10 @@ def generation_lines(key: str, section: dict) -> list[str]:
         for path, other in figures.get("paths", {}).items():  # a llama.cpp variant's (failed ones too)
             lines.append(f"  {path}: failed: {other['failed']}" if "failed" in other else row(f"  {path}", other))
     limit = section["matmul_limit"]
-    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, the linear layers on the faster kernel, median of "
+    lines.append(f"matmul limit ({limit['rows']} rows x 1 token, the model's own linear layers on the faster kernel, median of "
                  f"{limit['runs']}, one per round): "
                  + "; ".join(f"{dtype} {limit[dtype]['step_s'] * 1e3:.3g} ms/step ({limit[dtype].get('kernel', 'plain')}), "
-                             f"decode floor {limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES)))
+                             f"decode floor {limit[dtype]['decode_floor_s']:.3g} s" for dtype in map(matmul.dtype_name, matmul.DTYPES) if dtype in limit))
     for key_name, target in section.get("targets", {}).items():
         value = section["ratios"].get(key_name)
         shown = f"{value:.2f}" if value is not None else "n/a"

@@ -1,36 +1,38 @@
 """The machine's own limit for a decode step: the model's linear layers as plain matrix products.
 
-Every distinct weight shape of the model's linear layers (the vocabulary projection included) is
-timed on random inputs of one token per row, as many times as the shape occurs in one forward pass, in
-float32 and bfloat16, once in each round of the variants it is set against (``LimitRounds``), with two
-kernels: ``torch.nn.functional.linear`` on plain weights, and oneDNN's on weights packed for it (the
-engine's CPU linears, ``models/packed.py``). The faster kernel's sum is the seconds a decode step spends
-in matmuls alone; times ``new_tokens``, a floor for the decode time that attention, norms, token picking
-and the rest only add to. ``share`` says how close a variant comes to it. The plain kernel alone was no
-floor: the packed one is up to 4x faster at a few rows on some CPUs (docs/benchmarks.md).
+Each of the model's linear layers (the vocabulary projection included), on its own weights, is timed on
+random inputs of one token per row, in float32 and bfloat16 (on the variants' own model copies, one per
+dtype), once in each round of the variants it is set against (``LimitRounds``), with two kernels:
+``torch.nn.functional.linear`` on the plain weights, and oneDNN's on the weights the engine packed for it
+(``models/packed.py``; where packing was skipped, the plain kernel alone). The faster kernel's sum is the
+seconds a decode step spends in matmuls alone; times ``new_tokens``, a floor for the decode time that
+attention, norms, token picking and the rest only add to. ``share`` says how close a variant comes to it.
+The plain kernel alone was no floor: the packed one is up to 4x faster at a few rows on some CPUs; and
+random weights allocated for the limit were no floor either: beside a large model they timed up to twice
+slower than the model's own (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import Counter
+from collections import defaultdict
 
 import torch
 
-from ..models.packed import packed_linear, packed_weight
+from ..models.packed import packed_linear, packed_linear_weights
 
 DTYPES = (torch.float32, torch.bfloat16)
 KERNELS = ("plain", "packed")
-# Distinct weights timed per shape: enough bytes that none stays in a CPU cache, few enough that the limit
-# does not hold a second copy of a large model's weights beside the model (the time is scaled to the count).
-_TIMED_BYTES_PER_SHAPE = 2**30
 
 
-def linear_shapes(model) -> Counter:
-    """(out features, in features, has bias) -> how many linear layers of that shape one forward pass runs."""
-    return Counter((m.out_features, m.in_features, m.bias is not None)
-                   for m in model.modules() if isinstance(m, torch.nn.Linear))
+def linear_layers(model) -> dict[tuple[int, int, bool], list[torch.nn.Linear]]:
+    """(out features, in features, has bias) -> the linear layers of that shape that one forward pass runs."""
+    layers = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            layers[(module.out_features, module.in_features, module.bias is not None)].append(module)
+    return dict(layers)
 
 
 class LimitRounds:
@@ -38,28 +40,39 @@ class LimitRounds:
     round): this machine's speed drifts by tens of percent within minutes, and a limit timed once, after all the
     rounds, carried that drift into every share (docs/benchmarks.md, the second interleaved W3 run)."""
 
-    def __init__(self, model, rows: int, new_tokens: int):
-        self.shapes = linear_shapes(model)
+    def __init__(self, rows: int, new_tokens: int):
         self.rows, self.new_tokens = rows, new_tokens
-        self.seconds = {dtype: {kernel: {shape: [] for shape in self.shapes} for kernel in KERNELS} for dtype in DTYPES}
+        self.shapes: dict[tuple[int, int, bool], int] = {}
+        # dtype -> kernel -> shape -> seconds of each round
+        self.seconds: dict[torch.dtype, dict[str, dict[tuple, list[float]]]] = {}
 
-    def run_round(self, *_) -> None:
-        """One timed run of every shape in every dtype, with each kernel (the arguments of a ``beside`` hook
-        are not needed)."""
-        for dtype, by_kernel in self.seconds.items():
-            for shape, count in self.shapes.items():
-                for kernel, seconds in _seconds(shape, count, self.rows, dtype).items():
-                    by_kernel[kernel][shape].append(seconds)
+    def run_round(self, prompts, eos_ids, models) -> None:
+        """One timed run of every linear layer of one model per dtype (the first of ``models`` in that dtype
+        whose linear layers are all plain float ones: not an int8 copy), with each kernel; ``prompts`` and
+        ``eos_ids`` (of the ``beside`` hook) are not needed."""
+        timed = set()
+        for model in models:
+            if model.dtype not in DTYPES or model.dtype in timed or not _all_plain(model):
+                continue
+            timed.add(model.dtype)
+            layers = linear_layers(model)
+            self.shapes = self.shapes or {shape: len(modules) for shape, modules in layers.items()}
+            by_kernel = self.seconds.setdefault(model.dtype, {})
+            for shape, seconds in _seconds(model, layers, self.rows).items():
+                for kernel, value in seconds.items():
+                    by_kernel.setdefault(kernel, {}).setdefault(shape, []).append(value)
 
     def figures(self) -> dict:
-        """Seconds per decode step of pure matmul (each shape's median over the rounds), per dtype: the faster
-        kernel's (``kernel``), the other's beside it."""
-        runs = len(next(iter(self.seconds[DTYPES[0]]["plain"].values()), []))
+        """Seconds per decode step of pure matmul (each shape's median over the rounds), per dtype timed: the
+        faster kernel's (``kernel``), the other's beside it."""
+        runs = max((len(t) for by_kernel in self.seconds.values() for by_shape in by_kernel.values()
+                    for t in by_shape.values()), default=0)
         figures = {"rows": self.rows, "new_tokens": self.new_tokens, "threads": torch.get_num_threads(),
-                   "runs": runs, "shapes": {_name(shape): count for shape, count in sorted(self.shapes.items())}}
+                   "runs": runs, "weights": "the model's own",
+                   "shapes": {_name(shape): count for shape, count in sorted(self.shapes.items())}}
         for dtype, by_kernel in self.seconds.items():
             medians = {kernel: {_name(shape): statistics.median(times) for shape, times in sorted(by_shape.items())}
-                       for kernel, by_shape in by_kernel.items() if all(by_shape.values())}
+                       for kernel, by_shape in by_kernel.items()}
             steps = {kernel: sum(by_shape.values()) for kernel, by_shape in medians.items()}
             fastest = min(steps, key=steps.get)
             figures[dtype_name(dtype)] = {
@@ -70,38 +83,41 @@ class LimitRounds:
 
 
 def share(figures: dict, dtype: str, decode_s: float) -> float | None:
-    """The matmul floor over a measured decode time: 1 would be a decode made of nothing but matmuls."""
-    return _significant(figures[dtype]["decode_floor_s"] / decode_s) if decode_s > 0 else None
+    """The matmul floor over a measured decode time: 1 would be a decode made of nothing but matmuls (None
+    where that dtype's limit was not timed)."""
+    if decode_s <= 0 or dtype not in figures:
+        return None
+    return _significant(figures[dtype]["decode_floor_s"] / decode_s)
 
 
-def _seconds(shape: tuple[int, int, bool], count: int, rows: int, dtype: torch.dtype) -> dict[str, float]:
-    """Seconds of ``count`` linear calls of one shape, by kernel (the packed one left out where this torch
-    cannot pack), on distinct weights: one reused weight would stay in the CPU's caches, which the model's
-    distinct weights do not. Up to ``_TIMED_BYTES_PER_SHAPE`` of them are timed, the time scaled to ``count``."""
-    out_features, in_features, bias = shape
+def _all_plain(model) -> bool:
+    return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
+               for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _seconds(model, layers: dict, rows: int) -> dict[tuple, dict[str, float]]:
+    """Per shape, the seconds of one call of each of its layers, by kernel: the packed one where the engine
+    packed this model's weights (``packed_linear_weights`` returns its cached copy)."""
+    packed = packed_linear_weights(model)
     generator = torch.Generator().manual_seed(0)
-    timed = min(count, max(1, _TIMED_BYTES_PER_SHAPE // (out_features * in_features * dtype.itemsize)))
-    weights = [torch.randn(out_features, in_features, generator=generator).to(dtype) for _ in range(timed)]
-    bias_values = torch.randn(out_features, generator=generator).to(dtype) if bias else None
-    x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    seconds = {"plain": _timed_calls(torch.nn.functional.linear, x, weights, bias_values) * count / timed}
+    seconds = {}
     with torch.inference_mode():
-        try:
-            for i, weight in enumerate(weights):  # one at a time: never two copies of them all
-                weights[i] = packed_weight(weight)
-        except (AttributeError, RuntimeError):  # a torch build without oneDNN's packing ops
-            return seconds
-    seconds["packed"] = _timed_calls(packed_linear, x, weights, bias_values) * count / timed
+        for shape, modules in layers.items():
+            x = torch.randn(rows, shape[1], generator=generator).to(model.dtype)
+            calls = {"plain": [(m.weight, m.bias) for m in modules]}
+            if all(m in packed for m in modules):
+                calls["packed"] = [(packed[m], m.bias) for m in modules]
+            seconds[shape] = {kernel: _timed_calls(packed_linear if kernel == "packed" else torch.nn.functional.linear,
+                                                   x, weights) for kernel, weights in calls.items()}
     return seconds
 
 
-def _timed_calls(linear, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> float:
-    with torch.inference_mode():
-        linear(x, weights[0], bias)  # warm-up: first-call kernel setup
-        started = time.perf_counter()
-        for weight in weights:
-            linear(x, weight, bias)
-        return time.perf_counter() - started
+def _timed_calls(linear, x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> float:
+    linear(x, *weights[0])  # warm-up: first-call kernel setup
+    started = time.perf_counter()
+    for weight, bias in weights:
+        linear(x, weight, bias)
+    return time.perf_counter() - started
 
 
 def _name(shape: tuple[int, int, bool]) -> str:

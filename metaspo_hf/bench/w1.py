@@ -223,13 +223,14 @@ COPY_VARIANTS = ("batched_bf16", "engine_bf16", "engine_bf16_torch_attention", *
 
 def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naive_runs: int = 0,
                     bf16: bool = False, int8: bool = False,
-                    beside: Callable[[list[list[int]], list[int]], None] | None = None) -> HFRuns:
+                    beside: Callable[[list[list[int]], list[int], list[torch.nn.Module]], None] | None = None
+                    ) -> HFRuns:
     """Times batched ``generate`` and the engine ``repeats`` times each; ``naive`` only ``naive_runs``
     times (0: not at all), since one run of it takes about five times as long as batched ``generate``;
     with ``bf16``, also batched ``generate`` and the engine on a bfloat16 copy of the model; with ``int8``, the ``INT8_VARIANTS``
     (each one that cannot run as the reason why). The timed runs go round by round, one of each variant
-    per round (``interleaved``); ``beside(prompts, eos_ids)`` is called after each round (the llama.cpp
-    variants' rounds)."""
+    per round (``interleaved``); ``beside(prompts, eos_ids, models)`` is called after each round (the llama.cpp
+    variants' rounds, and the matmul limit's on the variants' distinct ``models``)."""
     chats = workload.build()
     prompts = prompt_ids(tokenizer, chats)
     settings = GenerationSettings(max_new_tokens=workload.new_tokens)
@@ -267,7 +268,8 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
         except Exception as error:  # a missing library, or one that fails on this machine: never the benchmark
             skipped[name] = _why(error)
     variants: dict[str, Runs | str] = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
-    after_round = partial(beside, prompts, sorted(eos_ids)) if beside else None
+    models = list(dict.fromkeys(contender.model for contender in contenders.values()))
+    after_round = partial(beside, prompts, sorted(eos_ids), models) if beside else None
     variants.update(interleaved(contenders, repeats, after_round))
     variants.update(skipped)
     return HFRuns(variants, prompts, sorted(eos_ids))
