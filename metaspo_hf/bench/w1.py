@@ -270,8 +270,9 @@ def run_hf_variants(model, tokenizer, workload: Workload, repeats: int = 1, naiv
     variants: dict[str, Runs | str] = {"naive": repeated(model, "naive", one_by_one, naive_runs)} if naive_runs else {}
     models = list(dict.fromkeys(contender.model for contender in contenders.values()))
     after_round = partial(beside, prompts, sorted(eos_ids), models) if beside else None
-    variants.update(interleaved(contenders, repeats, after_round))
-    variants.update(skipped)
+    ran = {**interleaved(contenders, repeats, after_round), **skipped}
+    # One order whichever ran: a skipped variant keeps its place in the table and the JSON.
+    variants.update({name: ran[name] for name in ("batched", "engine", *COPY_VARIANTS) if name in ran})
     return HFRuns(variants, prompts, sorted(eos_ids))
 
 
