@@ -427,7 +427,7 @@ def test_the_matmul_limit_times_every_linear_layer_on_each_dtypes_own_model(tiny
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(matmul, "_seconds", lambda model, *args: timed.append(model) or real_seconds(model, *args))
         for _ in range(2):  # as the hook beside the variants' rounds is called: an int8 copy is no float limit
-            rounds.run_round([[1, 2]], [0], [tiny_llama, int8_copy, bf16_copy, copy.deepcopy(bf16_copy)])
+            rounds.run_round([tiny_llama, int8_copy, bf16_copy, copy.deepcopy(bf16_copy)])
     assert timed == [tiny_llama, bf16_copy] * 2
     limit = rounds.figures()
     assert (limit["rows"], limit["new_tokens"], limit["runs"]) == (4, 10, 2)
@@ -444,7 +444,7 @@ def test_the_matmul_limit_times_every_linear_layer_on_each_dtypes_own_model(tiny
 
 def test_a_dtype_whose_limit_was_not_timed_has_no_share(tiny_llama):
     rounds = matmul.LimitRounds(rows=2, new_tokens=3)
-    rounds.run_round([[1]], [0], [tiny_llama])
+    rounds.run_round([tiny_llama])
     limit = rounds.figures()
     assert "float32" in limit and "bfloat16" not in limit
     assert matmul.share(limit, "bfloat16", 1.0) is None and matmul.share(limit, "float32", 1.0) > 0

@@ -205,7 +205,7 @@ def generation(model, tokenizer, ggufs: dict[str, Path | str], workload: w1.Work
 
     def beside(prompts: list[list[int]], eos_ids: list[int], models: list[torch.nn.Module]) -> None:
         llama.run_round(prompts, eos_ids)
-        limit_rounds.run_round(prompts, eos_ids, models)
+        limit_rounds.run_round(models)
 
     hf = w1.run_hf_variants(model, tokenizer, workload, repeats, naive_runs or 0, bf16=True, int8=bool(int8),
                             beside=beside)

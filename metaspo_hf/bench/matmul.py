@@ -20,10 +20,9 @@ from collections import defaultdict
 
 import torch
 
-from ..models.packed import packed_linear, packed_linear_weights
+from ..models.packed import packed_linear, packed_linear_weights, plain_float_linear
 
 DTYPES = (torch.float32, torch.bfloat16)
-KERNELS = ("plain", "packed")
 
 
 def linear_layers(model) -> dict[tuple[int, int, bool], list[torch.nn.Linear]]:
@@ -46,10 +45,9 @@ class LimitRounds:
         # dtype -> kernel -> shape -> seconds of each round
         self.seconds: dict[torch.dtype, dict[str, dict[tuple, list[float]]]] = {}
 
-    def run_round(self, prompts, eos_ids, models) -> None:
+    def run_round(self, models: list[torch.nn.Module]) -> None:
         """One timed run of every linear layer of one model per dtype (the first of ``models`` in that dtype
-        whose linear layers are all plain float ones: not an int8 copy), with each kernel; ``prompts`` and
-        ``eos_ids`` (of the ``beside`` hook) are not needed."""
+        whose linear layers are all plain float ones: not an int8 copy), with each kernel."""
         timed = set()
         for model in models:
             if model.dtype not in DTYPES or model.dtype in timed or not _all_plain(model):
@@ -91,8 +89,7 @@ def share(figures: dict, dtype: str, decode_s: float) -> float | None:
 
 
 def _all_plain(model) -> bool:
-    return all(type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
-               for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return all(plain_float_linear(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _seconds(model, layers: dict, rows: int) -> dict[tuple, dict[str, float]]:
@@ -104,11 +101,10 @@ def _seconds(model, layers: dict, rows: int) -> dict[tuple, dict[str, float]]:
     with torch.inference_mode():
         for shape, modules in layers.items():
             x = torch.randn(rows, shape[1], generator=generator).to(model.dtype)
-            calls = {"plain": [(m.weight, m.bias) for m in modules]}
+            calls = {"plain": (torch.nn.functional.linear, [(m.weight, m.bias) for m in modules])}
             if all(m in packed for m in modules):
-                calls["packed"] = [(packed[m], m.bias) for m in modules]
-            seconds[shape] = {kernel: _timed_calls(packed_linear if kernel == "packed" else torch.nn.functional.linear,
-                                                   x, weights) for kernel, weights in calls.items()}
+                calls["packed"] = (packed_linear, [(packed[m], m.bias) for m in modules])
+            seconds[shape] = {kernel: _timed_calls(linear, x, weights) for kernel, (linear, weights) in calls.items()}
     return seconds
 
 

@@ -28,7 +28,7 @@ def packed_linear_weights(model) -> dict:
     quantized model keeps its float ones packed."""
     if model in _packed_weights:
         return _packed_weights[model]
-    linears = [m for m in model.modules() if _plain_float_linear(m)]
+    linears = [m for m in model.modules() if plain_float_linear(m)]
     packed = {}
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if linears and torch.backends.mkldnn.is_available() and size <= packing_budget_bytes():
@@ -54,7 +54,7 @@ def packing_budget_bytes() -> int:
     return int(psutil.virtual_memory().available * _PACKED_SHARE_OF_FREE_MEMORY)
 
 
-def _plain_float_linear(module) -> bool:
+def plain_float_linear(module) -> bool:
     """A float CPU ``nn.Linear`` on a plain weight. Not: a subclass (bitsandbytes' layers), nor a weight that
     is a tensor subclass (torchao's quantized tensors keep the Linear and report its float dtype)."""
     return (type(module) is torch.nn.Linear and type(module.weight) is torch.nn.Parameter
