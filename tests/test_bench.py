@@ -442,6 +442,14 @@ def test_the_matmul_limit_times_every_linear_layer_on_each_dtypes_own_model(tiny
     assert matmul.share(limit, "float32", 0.0) is None
 
 
+def test_the_limit_reads_every_weight_once_untimed_before_it_times_them():
+    calls = []
+    weights = [(torch.zeros(3, 2), None) for _ in range(4)]
+    matmul._timed_calls(lambda x, weight, bias: calls.append(weight), torch.zeros(1, 2), weights)
+    # Weights left cold by a llama.cpp round read slower the first time: the timed pass is the second.
+    assert [id(w) for w in calls] == [id(w) for w, _ in weights] * 2
+
+
 def test_a_dtype_whose_limit_was_not_timed_has_no_share(tiny_llama):
     rounds = matmul.LimitRounds(rows=2, new_tokens=3)
     rounds.run_round([tiny_llama])

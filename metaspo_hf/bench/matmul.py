@@ -7,9 +7,8 @@ dtype), once in each round of the variants it is set against (``LimitRounds``), 
 (``models/packed.py``; where packing was skipped, the plain kernel alone). The faster kernel's sum is the
 seconds a decode step spends in matmuls alone; times ``new_tokens``, a floor for the decode time that
 attention, norms, token picking and the rest only add to. ``share`` says how close a variant comes to it.
-The plain kernel alone was no floor: the packed one is up to 4x faster at a few rows on some CPUs; and
-random weights allocated for the limit were no floor either: beside a large model they timed up to twice
-slower than the model's own (docs/benchmarks.md).
+The plain kernel alone was no floor: the packed one is up to 4x faster at a few rows on some CPUs; nor were
+weights read cold after a llama.cpp round: they timed up to 2.6x slower than warm (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -109,7 +108,10 @@ def _seconds(model, layers: dict, rows: int) -> dict[tuple, dict[str, float]]:
 
 
 def _timed_calls(linear, x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> float:
-    linear(x, *weights[0])  # warm-up: first-call kernel setup
+    # An untimed pass first, over every weight: besides the kernel's first-call setup, weights left untouched for
+    # minutes (while a llama.cpp round runs) read slower the first time, and a decode step reads them warm.
+    for weight, bias in weights:
+        linear(x, weight, bias)
     started = time.perf_counter()
     for weight, bias in weights:
         linear(x, weight, bias)
