@@ -31,10 +31,10 @@ def packed_linear_weights(model) -> dict:
     linears = [m for m in model.modules() if plain_float_linear(m)]
     packed = {}
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if linears and torch.backends.mkldnn.is_available() and size <= packing_budget_bytes():
+    if linears and torch.backends.mkldnn.is_available() and size <= _packing_budget_bytes():
         try:
             with torch.inference_mode():
-                packed = {m: packed_weight(m.weight) for m in linears}
+                packed = {m: _packed_weight(m.weight) for m in linears}
                 probe = linears[0]
                 # Its own generator: building an engine must not move the global random state.
                 x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype,
@@ -49,7 +49,7 @@ def packed_linear_weights(model) -> dict:
     return packed
 
 
-def packing_budget_bytes() -> int:
+def _packing_budget_bytes() -> int:
     """The largest copy of linear weights packing may make now."""
     return int(psutil.virtual_memory().available * _PACKED_SHARE_OF_FREE_MEMORY)
 
@@ -61,7 +61,7 @@ def plain_float_linear(module) -> bool:
             and module.weight.device.type == "cpu" and module.weight.dtype in (torch.float32, torch.bfloat16))
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """A linear weight in oneDNN's layout (``packed_linear`` multiplies with it)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
