@@ -4,7 +4,8 @@ built once per machine with torch's extension builder, then loaded from the cach
 It replaces, for one-token decode steps only, the torch ops of ``prefix._shared_prefix_attention``; prefill
 and float32 keep those ops (float32's matmuls read the cache in place and were faster than the kernel; its
 tokens stay identical to plain ``generate``). Where it cannot be built (no C++ compiler, another CPU
-architecture) the engine says why once and decodes with torch's ops. Measured: docs/benchmarks.md.
+architecture) the engine says why once and decodes with torch's ops. The same library holds the fused decode
+step's elementwise ops (``add_rms_norm``, ``silu_mul``: ``decode_step.py``). Measured: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    only (``packed.py``; measured speed-ups in docs/benchmarks.md).
 8. In bfloat16 on CPU, a shared-prefix chunk's decode steps run their attention on a C++ kernel built once
    per machine (``decode_kernel.py``): one pass over the keys and values instead of torch's small matmuls and
-   the copies between them; for Llama-family models the whole step is a plain loop over the layers with that
-   kernel also doing the rotary embedding and the cache write (``decode_step.py``), bit-identical to the
-   model's forward pass with the kernel (measured in docs/benchmarks.md).
+   the copies between them; for Llama-family models the whole step is a plain loop over the layers
+   (``decode_step.py``): the query, key and value projections as one matmul (likewise gate and up), the kernel
+   also doing the rotary embedding and the cache write, and the residual adds, norms and gated activation as
+   one C++ op each, rounded as transformers' modules round (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class HFEngine:
         self.kernel = (decode_kernel.load() if attention_kernel and self.prefix_reuse
                        and self._attention_source in SHARED_PREFIX_SOURCES and decode_kernel.applies(model)
                        else None)
-        self.fused_step = FusedDecodeStep.for_model(model, self.kernel)
+        self.fused_step = FusedDecodeStep.for_model(model, self.kernel, packed=bool(self.packed))
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, chat: Chat) -> str:

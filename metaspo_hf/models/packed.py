@@ -19,6 +19,8 @@ import torch
 _PACKED_SHARE_OF_FREE_MEMORY = 0.5
 # Per model, its packed linear weights (shared by every engine on that model; gone with the model).
 _packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per model, its merged packed weights (``merged_packed_weights``), keyed by the groups' modules.
+_merged_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packed_linear_weights(model) -> dict:
@@ -47,6 +49,32 @@ def packed_linear_weights(model) -> dict:
         packed = packed if agree else {}
     _packed_weights[model] = packed
     return packed
+
+
+def merged_packed_weights(model, groups: list[tuple[torch.nn.Linear, ...]]) -> list[tuple] | None:
+    """For each group of linear layers that read one input (a layer's query, key and value projections; its gate
+    and up projections), one packed weight of their weights stacked and their biases (or None), so that one matmul
+    computes the group's outputs side by side: bit for bit each layer's own, in one call instead of several, which
+    oneDNN runs faster at a few rows (docs/benchmarks.md). None unless every layer of every group is packed
+    (``packed_linear_weights``) and the stacked copy fits the same share of free memory."""
+    key = tuple(module for group in groups for module in group)
+    cached = _merged_weights.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    packed = packed_linear_weights(model)
+    size = sum(m.weight.numel() * m.weight.element_size() for m in key)
+    merged = None
+    if groups and all(m in packed for m in key) and size <= _packing_budget_bytes():
+        with torch.inference_mode():
+            merged = [(_packed_weight(torch.cat([m.weight for m in group])), _stacked_bias(group)) for group in groups]
+    cached[key] = merged
+    return merged
+
+
+def _stacked_bias(group: tuple[torch.nn.Linear, ...]) -> torch.Tensor | None:
+    if all(m.bias is None for m in group):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in group])
 
 
 def _packing_budget_bytes() -> int:

@@ -1,16 +1,20 @@
-"""The engine's fused decode step (models/decode_step.py): its C++ part is transformers' rotary embedding, cache
-write and the decode-attention kernel, bit for bit, and an engine on it generates exactly what the model's own
-forward pass with the kernel generates."""
+"""The engine's fused decode step (models/decode_step.py): its C++ ops are transformers' rotary embedding, cache
+write and the decode-attention kernel, bit for bit, and its norms and gated activation to the last bit of a
+float32; its merged projections are each projection's own, bit for bit; an engine on it generates exactly what the
+model's own forward pass with the kernel generates."""
+
+import collections
 
 import pytest
 import torch
 from test_decode_kernel import _inputs, kernel  # noqa: F401  (a fixture)
 from test_engine import QUESTIONS, SYSTEMS
 from tiny import tiny_llama_with_head_dim
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from metaspo_hf.models.base import GenerationSettings, make_chat
 from metaspo_hf.models.engine import HFEngine
+from metaspo_hf.models.packed import merged_packed_weights, packed_linear, packed_linear_weights
 
 
 def _projections(rows, heads, kv_heads, dim, seed=2):
@@ -61,11 +65,84 @@ def test_rotate_store_attention_refuses_a_slot_outside_the_mask_and_mismatched_h
                                       mask, 0.125)
 
 
+def _one_rounding_apart(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal but where a float32 that differs in its last bits rounds the other way: then one step of the dtype
+    apart (bfloat16), or a float32 a few ulps apart."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == torch.bfloat16:
+        steps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().masked_fill(got == expected, 0)
+        assert steps.max() <= 1 and (steps == 0).float().mean() > 0.99
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [576, 200])  # 200: a row that ends inside a 16-lane vector
+def test_add_rms_norm_is_a_residual_add_then_the_models_rms_norm(kernel, dtype, width):  # noqa: F811
+    gen = torch.Generator().manual_seed(4)
+    hidden, delta = (torch.randn(7, width, generator=gen).mul(3).to(dtype) for _ in range(2))
+    norm = LlamaRMSNorm(width, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(width, generator=gen).to(dtype)
+    expected_hidden = hidden + delta
+    with torch.inference_mode():
+        expected = norm(expected_hidden)
+        got = kernel.add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
+    assert torch.equal(hidden, expected_hidden)  # the residual add, in place, rounded as torch rounds it
+    _one_rounding_apart(got, expected)
+    with torch.inference_mode():  # no delta: the norm alone, hidden left as it was
+        _one_rounding_apart(kernel.add_rms_norm(hidden, None, norm.weight, norm.variance_epsilon), expected)
+    assert torch.equal(hidden, expected_hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_is_the_gated_activation_on_the_halves_of_one_projection(kernel, dtype):  # noqa: F811
+    gen = torch.Generator().manual_seed(5)
+    merged = torch.randn(6, 2 * 1000, generator=gen).mul(4).to(dtype)
+    merged[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # far past where exp over- or underflows
+    gate, up = merged.chunk(2, dim=-1)  # strided rows, as the merged gate and up projection gives them
+    got = kernel.silu_mul(gate, up)
+    assert got.is_contiguous()
+    _one_rounding_apart(got, torch.nn.functional.silu(gate) * up)
+
+
+def test_the_elementwise_ops_refuse_mismatched_inputs(kernel):  # noqa: F811
+    hidden = torch.zeros(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight \\[width\\]"):
+        kernel.add_rms_norm(hidden, None, torch.ones(32, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="delta must be"):
+        kernel.add_rms_norm(hidden, torch.zeros(2, 32, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        kernel.add_rms_norm(hidden, None, torch.ones(64), 1e-5)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernel.silu_mul(hidden, hidden.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merged_projections_are_each_projections_own_output(tiny_tokenizer, dtype, monkeypatch):
+    model = tiny_llama_with_head_dim(tiny_tokenizer, 64, dtype, "qwen2")  # biases on query, key and value only
+    if not packed_linear_weights(model):
+        pytest.skip("no oneDNN packing in this torch build: nothing is merged")
+    layer = model.model.layers[0]
+    groups = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+              (layer.self_attn.o_proj, layer.mlp.up_proj)]  # the second: one layer with a bias, one without
+    merged = merged_packed_weights(model, groups)
+    assert merged is merged_packed_weights(model, groups)  # made once per model
+    states = torch.randn(5, model.config.hidden_size).to(dtype)
+    packed = packed_linear_weights(model)
+    with torch.inference_mode():
+        for group, (weight, bias) in zip(groups, merged, strict=True):
+            own = torch.cat([packed_linear(states, packed[m], m.bias) for m in group], dim=-1)
+            assert torch.equal(packed_linear(states, weight, bias), own)
+    # Past the memory budget: nothing merged, and the step falls back to the projections side by side.
+    monkeypatch.setattr("metaspo_hf.models.packed._packing_budget_bytes", lambda: 0)
+    assert merged_packed_weights(model, groups[:1]) is None
+
+
 class _Counting:
     """The kernel, counting which of its ops the engine calls."""
 
     def __init__(self, real):
-        self.real, self.calls = real, {"rotate_store_attention": 0, "decode_attention": 0}
+        self.real, self.calls = real, collections.Counter()
 
     def __getattr__(self, name):
         def call(*args):
@@ -78,14 +155,16 @@ class _Counting:
 @pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=10),
                                       GenerationSettings(max_new_tokens=10, temperature=1.0, seed=3, stop=("e",))],
                          ids=["greedy", "sampled-with-stops"])
-def test_the_fused_step_generates_what_the_models_forward_pass_generates(kernel, tiny_tokenizer, arch, settings):  # noqa: F811
+@pytest.mark.parametrize("packed", [True, False], ids=["merged-projections", "projections-side-by-side"])
+def test_the_fused_step_generates_what_the_models_forward_pass_generates(kernel, tiny_tokenizer, arch, settings,  # noqa: F811
+                                                                        packed):
     model = tiny_llama_with_head_dim(tiny_tokenizer, 64, torch.bfloat16, arch)
     chats = [make_chat(SYSTEMS[1], q) for q in QUESTIONS]
-    fused = HFEngine(model, tiny_tokenizer, "tiny", progress=False)
+    fused = HFEngine(model, tiny_tokenizer, "tiny", progress=False, packed_linears=packed)
     assert fused.fused_step is not None
     counting = _Counting(kernel)
     fused.fused_step.kernel = counting
-    forward = HFEngine(model, tiny_tokenizer, "tiny", progress=False)
+    forward = HFEngine(model, tiny_tokenizer, "tiny", progress=False, packed_linears=packed)
     forward.fused_step = None
     got = fused.generate_ids(chats, settings)
     assert got == forward.generate_ids(chats, settings)
@@ -93,6 +172,7 @@ def test_the_fused_step_generates_what_the_models_forward_pass_generates(kernel,
     decode_steps = max(len(ids) for ids in got) - 1
     assert counting.calls["rotate_store_attention"] >= decode_steps * model.config.num_hidden_layers > 0
     assert counting.calls["decode_attention"] == 0
+    assert counting.calls["silu_mul"] == counting.calls["rotate_store_attention"]
 
 
 def test_the_fused_step_is_left_out_where_it_would_not_be_the_same_model(kernel, tiny_tokenizer, tiny_llama):  # noqa: F811

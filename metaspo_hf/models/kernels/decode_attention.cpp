@@ -6,7 +6,8 @@
 // reads its keys and values once, for all the query heads grouped on that key head, and keeps scores and
 // sums in float32. `rotate_store_attention` also does what comes before it in a layer (the rotary embedding
 // of the new query and key, and the write of the new key and value into the cache), for the engine's fused
-// decode step. Built on first use by decode_kernel.py; the measured gain is in docs/benchmarks.md.
+// decode step, which also calls the elementwise ops at the end of this file (`add_rms_norm`, `silu_mul`). Built on
+// first use by decode_kernel.py; the measured gain is in docs/benchmarks.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,12 +28,13 @@
 namespace {
 
 inline float to_float(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
+inline float to_float(float x) { return x; }
 
-// exp(x) for x <= 0, as softmax needs after subtracting the maximum: 2^n * p(r) with r = x - n ln 2 and a
-// degree-7 polynomial (the Cephes coefficients; relative error about 1e-7). Written out so that the
-// compiler vectorizes the loop that calls it, which it does not do for std::exp.
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;  // below this 2^n leaves float's normal range; the result rounds to 0 anyway
+// exp(x) as 2^n * p(r) with r = x - n ln 2 and a degree-7 polynomial (the Cephes coefficients; relative error
+// about 1e-7), x clamped to where 2^n stays in float's normal range. Written out so that the compiler vectorizes
+// the loops that call it, which it does not do for std::exp.
+inline float exp_clamped(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, for precision
   float p = 1.9875691500e-4f;
@@ -215,7 +217,7 @@ void attend(const Layer<T>& layer, int64_t row, int64_t head, int64_t group, flo
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t s = 0; s < n; ++s) {
-      p[s] = exp_nonpositive(p[s] - top);
+      p[s] = exp_clamped(p[s] - top);
       sum += p[s];
     }
     scratch.total[g] = sum;
@@ -353,6 +355,157 @@ at::Tensor rotate_store_attention(const at::Tensor& query, const at::Tensor& key
   return out;
 }
 
+// The rest of a decode step's layer, elementwise, one pass each where torch runs eight ops for a norm and two for
+// the gated activation (their dispatch, not their arithmetic, was a fifth of a small model's step). Rounded as
+// transformers' modules round in the model's dtype; only the norm's float32 sum of squares (summed here in
+// another order) and the activation's exp (this polynomial, not torch's) may differ in the last bit.
+
+// Rows of `width` per task: below this many elements a second thread costs more than it saves.
+constexpr int64_t kElementsPerTask = 32768;
+
+#if defined(__AVX512BF16__)
+// 16 values of the dtype as float32 lanes and back (the store rounds to nearest even, as torch does), lanes past
+// `mask` left out; `rounded` is a lane's value as the dtype holds it.
+inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline void store16(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+template <typename T>
+inline __m512 rounded(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// exp on 16 lanes, as exp_clamped but for x past its range: 0 below, infinity above (scalef scales to them).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// hidden += delta (rounded to the dtype, as a residual add), then RMSNorm(hidden) * weight as LlamaRMSNorm computes
+// it: the mean of squares in float32, hidden * rsqrt(mean + eps) rounded to the dtype, times the weight.
+template <typename T>
+void add_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T *h = hidden + r * width, *o = out + r * width;
+      const T* d = delta == nullptr ? nullptr : delta + r * width;
+#if defined(__AVX512BF16__)
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        __m512 x = load16(h + i, m);
+        if (d != nullptr) {
+          x = rounded<T>(_mm512_add_ps(x, load16(d + i, m)));
+          store16(h + i, x, m);
+        }
+        squares = _mm512_fmadd_ps(x, x, squares);
+      }
+      const __m512 scale = _mm512_set1_ps(
+          1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(width) + eps));
+      for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        store16(o + i, _mm512_mul_ps(load16(weight + i, m), rounded<T>(_mm512_mul_ps(load16(h + i, m), scale))), m);
+      }
+#else
+      if (d != nullptr)
+        for (int64_t i = 0; i < width; ++i) h[i] = T(to_float(h[i]) + to_float(d[i]));
+      float squares = 0.f;
+      for (int64_t i = 0; i < width; ++i) squares += to_float(h[i]) * to_float(h[i]);
+      const float scale = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
+      for (int64_t i = 0; i < width; ++i) o[i] = T(to_float(weight[i]) * to_float(T(to_float(h[i]) * scale)));
+#endif
+    }
+  });
+}
+
+// hidden [..., width] contiguous, updated in place by delta (same shape) when given; weight [width]. Returns the
+// normed hidden states, hidden's shape and dtype.
+at::Tensor add_rms_norm(at::Tensor& hidden, const std::optional<at::Tensor>& delta, const at::Tensor& weight,
+                        double eps) {
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 &&
+                  hidden.size(-1) == weight.size(0),
+              "add_rms_norm: hidden must be contiguous [..., width] and weight [width]");
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "add_rms_norm: weight and hidden differ in dtype");
+  const bool adds = delta.has_value() && delta->defined();
+  if (adds)
+    TORCH_CHECK(delta->is_contiguous() && delta->sizes() == hidden.sizes() &&
+                    delta->scalar_type() == hidden.scalar_type(),
+                "add_rms_norm: delta must be contiguous, of hidden's shape and dtype");
+  at::Tensor out = at::empty_like(hidden);
+  const int64_t width = weight.size(0), rows = hidden.numel() / width;
+  const float epsilon = static_cast<float>(eps);
+  if (hidden.scalar_type() == at::kBFloat16) {
+    using T = c10::BFloat16;
+    add_rms_norm_rows<T>(hidden.data_ptr<T>(), adds ? delta->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
+                         out.data_ptr<T>(), rows, width, epsilon);
+  } else {
+    TORCH_CHECK(hidden.scalar_type() == at::kFloat, "add_rms_norm: bfloat16 or float32 only");
+    add_rms_norm_rows<float>(hidden.data_ptr<float>(), adds ? delta->data_ptr<float>() : nullptr,
+                             weight.data_ptr<float>(), out.data_ptr<float>(), rows, width, epsilon);
+  }
+  return out;
+}
+
+// SiLU(gate) * up as the MLP computes it: the activation x / (1 + exp(-x)) rounded to the dtype, then the product.
+// gate and up rows `gate_row` and `up_row` apart (halves of one merged projection's rows), out contiguous.
+template <typename T>
+void silu_mul_rows(const T* gate, const T* up, T* out, int64_t rows, int64_t width, int64_t gate_row, int64_t up_row) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T *g = gate + r * gate_row, *u = up + r * up_row;
+      T* o = out + r * width;
+#if defined(__AVX512BF16__)
+      for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        const __m512 x = load16(g + i, m);
+        const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        store16(o + i, _mm512_mul_ps(rounded<T>(silu), load16(u + i, m)), m);
+      }
+#else
+      for (int64_t i = 0; i < width; ++i) {
+        const float x = to_float(g[i]);
+        const float e = -x > 88.f ? INFINITY : exp_clamped(-x);  // past float's range, as torch's exp
+        o[i] = T(to_float(T(x / (1.f + e))) * to_float(u[i]));
+      }
+#endif
+    }
+  });
+}
+
+// gate and up [rows, width] of one dtype, each with a contiguous last dim (rows may be strided). Returns
+// SiLU(gate) * up, [rows, width] contiguous.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1 &&
+                  gate.scalar_type() == up.scalar_type(),
+              "silu_mul: gate and up must be [rows, width] of one dtype, with a contiguous last dim");
+  const int64_t rows = gate.size(0), width = gate.size(1);
+  at::Tensor out = at::empty({rows, width}, gate.options());
+  if (gate.scalar_type() == at::kBFloat16) {
+    using T = c10::BFloat16;
+    silu_mul_rows<T>(gate.data_ptr<T>(), up.data_ptr<T>(), out.data_ptr<T>(), rows, width, gate.stride(0), up.stride(0));
+  } else {
+    TORCH_CHECK(gate.scalar_type() == at::kFloat, "silu_mul: bfloat16 or float32 only");
+    silu_mul_rows<float>(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), rows, width,
+                         gate.stride(0), up.stride(0));
+  }
+  return out;
+}
+
 }  // namespace
 
 // torch.ops.metaspo.decode_attention; only these light headers, so that the build takes seconds, not a minute.
@@ -362,4 +515,6 @@ TORCH_LIBRARY(metaspo, library) {
       "rotate_store_attention(Tensor query, Tensor key, Tensor value, Tensor cos, Tensor sin, Tensor prefix_keys, "
       "Tensor prefix_values, Tensor(a!) keys, Tensor(b!) values, int slot, Tensor mask, float scaling) -> Tensor",
       &rotate_store_attention);
+  library.def("add_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  library.def("silu_mul", &silu_mul);
 }
