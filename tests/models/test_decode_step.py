@@ -118,6 +118,19 @@ def test_the_elementwise_ops_refuse_mismatched_inputs(kernel):  # noqa: F811
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows_picks_what_torchs_max_picks(kernel, dtype):  # noqa: F811
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 1, 1003, generator=gen).to(dtype)  # [rows, 1, vocab]: rows strided, as from the model
+    logits[0, 0, 17] = logits[0, 0, 900] = 50.0  # tied maxima: the first
+    logits[1, 0, :] = float("-inf")
+    logits[2, 0, 1002] = 50.0  # the last, in a vector's remainder
+    logits[3, 0, 40] = logits[3, 0, 600] = float("nan")
+    view = logits[:, -1, :]
+    assert torch.equal(kernel.argmax_rows(view), view.max(dim=-1).indices)
+    assert kernel.argmax_rows(view)[:4].tolist() == [17, 0, 1002, 40]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_merged_projections_are_each_projections_own_output(tiny_tokenizer, dtype, monkeypatch):
     model = tiny_llama_with_head_dim(tiny_tokenizer, 64, dtype, "qwen2")  # biases on query, key and value only
     if not packed_linear_weights(model):
