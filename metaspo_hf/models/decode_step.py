@@ -2,7 +2,7 @@
 
 transformers' forward pass spends a small model's decode step mostly around its matrix products: module calls,
 mask and cache bookkeeping, and per layer about thirty small elementwise ops for the norms, the rotary embedding,
-the cache write, the attention, the gated activation and the residual adds. Here a layer is six calls: the query,
+the cache write, the attention, the gated activation and the residual adds. Here a layer is eight calls: the query,
 key and value projections as one matmul, one C++ op (kernels/decode_attention.cpp, ``rotate_store_attention``)
 for everything from there to the attention's output, the output projection, the residual add and the next norm
 as one op (``add_rms_norm``), the gate and up projections as one matmul, the gated activation as one op

@@ -57,14 +57,15 @@ def merged_packed_weights(model, groups: list[tuple[torch.nn.Linear, ...]]) -> l
     computes the group's outputs side by side: bit for bit each layer's own, in one call instead of several, which
     oneDNN runs faster at a few rows (docs/benchmarks.md). None unless every layer of every group is packed
     (``packed_linear_weights``) and the stacked copy fits the same share of free memory."""
-    key = tuple(module for group in groups for module in group)
+    key = tuple(tuple(group) for group in groups)
     cached = _merged_weights.setdefault(model, {})
     if key in cached:
         return cached[key]
     packed = packed_linear_weights(model)
-    size = sum(m.weight.numel() * m.weight.element_size() for m in key)
+    modules = [module for group in groups for module in group]
+    size = sum(m.weight.numel() * m.weight.element_size() for m in modules)
     merged = None
-    if groups and all(m in packed for m in key) and size <= _packing_budget_bytes():
+    if groups and all(m in packed for m in modules) and size <= _packing_budget_bytes():
         with torch.inference_mode():
             merged = [(_packed_weight(torch.cat([m.weight for m in group])), _stacked_bias(group)) for group in groups]
     cached[key] = merged
