@@ -360,8 +360,9 @@ at::Tensor rotate_store_attention(const at::Tensor& query, const at::Tensor& key
 // transformers' modules round in the model's dtype; only the norm's float32 sum of squares (summed here in
 // another order) and the activation's exp (this polynomial, not torch's) may differ in the last bit.
 
-// Rows of `width` per task: below this many elements a second thread costs more than it saves.
+// Rows of `width` values per parallel task: below this many values a second thread costs more than it saves.
 constexpr int64_t kElementsPerTask = 32768;
+inline int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, kElementsPerTask / width); }
 
 #if defined(__AVX512BF16__)
 // 16 values of the dtype as float32 lanes and back (the store rounds to nearest even, as torch does), lanes past
@@ -400,7 +401,7 @@ inline __m512 exp16(__m512 x) {
 // it: the mean of squares in float32, hidden * rsqrt(mean + eps) rounded to the dtype, times the weight.
 template <typename T>
 void add_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T *h = hidden + r * width, *o = out + r * width;
       const T* d = delta == nullptr ? nullptr : delta + r * width;
@@ -465,7 +466,7 @@ at::Tensor add_rms_norm(at::Tensor& hidden, const std::optional<at::Tensor>& del
 // gate and up rows `gate_row` and `up_row` apart (halves of one merged projection's rows), out contiguous.
 template <typename T>
 void silu_mul_rows(const T* gate, const T* up, T* out, int64_t rows, int64_t width, int64_t gate_row, int64_t up_row) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T *g = gate + r * gate_row, *u = up + r * up_row;
       T* o = out + r * width;
@@ -548,7 +549,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   int64_t* o = out.data_ptr<int64_t>();
   const bool bf16 = logits.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || logits.scalar_type() == at::kFloat, "argmax_rows: bfloat16 or float32 only");
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / vocab), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       o[r] = bf16 ? argmax_row(logits.data_ptr<c10::BFloat16>() + r * stride, vocab)
                   : argmax_row(logits.data_ptr<float>() + r * stride, vocab);
