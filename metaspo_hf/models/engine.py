@@ -33,6 +33,8 @@ How a call is generated (and why it matches plain batched ``generate`` token for
    (``decode_step.py``): the query, key and value projections as one matmul (likewise gate and up), the kernel
    also doing the rotary embedding and the cache write, and the residual adds, norms and gated activation as
    one C++ op each, rounded as transformers' modules round (measured in docs/benchmarks.md).
+9. On CPU, memory freed between tensors is kept for the next ones (``allocator.py``): a long prefill's large
+   activations would otherwise be faulted in page by page at every layer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import decode_kernel
+from .allocator import keep_freed_memory
 from .base import Chat, EngineStats, GenerationSettings, cut_at_stop, sample_indices, stable_hash
 from .batching import split_on_oom
 from .decode_step import FusedDecodeStep
@@ -97,6 +100,8 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         # Step 7 of the module doc; {} where it does not apply (e.g. on a GPU).
         self.packed = packed_linear_weights(model) if packed_linears else {}
+        if model.device.type == "cpu":  # step 9
+            keep_freed_memory()
         # Shared-prefix decode steps read whole own-token buffers where a strided view of them would be
         # copied at every step (bfloat16 and float16 on CPU: prefix.BufferLayer); float32 reads views in place.
         self.whole_buffers = model.dtype != torch.float32
