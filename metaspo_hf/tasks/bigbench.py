@@ -58,6 +58,9 @@ ARCHIVE_ENV = "METASPO_BIGBENCH_ARCHIVE"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # The sdist's SHA-256, as PyPI listed it when it was pinned: a changed file on the index is refused.
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# What to do when the index cannot serve the archive.
+_BY_HAND = (f"copy {ARCHIVE_NAME} (SHA-256 {ARCHIVE_SHA256}) from a machine or mirror that has it and set "
+            f"${ARCHIVE_ENV} to the file")
 
 
 @lru_cache(maxsize=1)
@@ -154,16 +157,15 @@ def _archive_url() -> tuple[str, str]:
         if entry.get("filename") == ARCHIVE_NAME:
             # The index may give URLs relative to its own page.
             return urllib.parse.urljoin(index_url(), entry["url"]), entry.get("hashes", {}).get("sha256")
-    raise MetaspoError(f"{index_url()} does not list {ARCHIVE_NAME}",
-                       hint=f"download it elsewhere and set ${ARCHIVE_ENV} to the file")
+    # What PyPI itself now answers (docs/tasks.md, "BIG-bench offline").
+    raise MetaspoError(f"{index_url()} does not list {ARCHIVE_NAME}", hint=_BY_HAND)
 
 
 def _download_error(exc: Exception) -> MetaspoError:
     return MetaspoError(
         f"could not download bigbench=={BIGBENCH_VERSION} from {index_url()} ({type(exc).__name__}: {exc})",
-        hint=f"download {ARCHIVE_NAME} (SHA-256 {ARCHIVE_SHA256}) where PyPI is reachable and set "
-             f"${ARCHIVE_ENV} to the file",
-    )
+        hint=_BY_HAND)
+
 
 
 def _check_member(archive: Path, name: str) -> None:

@@ -122,17 +122,18 @@ def test_unknown_bigbench_names_suggest_close_ones(fake_bigbench):
         load_task("bigbench:navigate")
 
 
-def serve_index(tmp_path, monkeypatch, archive: Path, listed_sha256: str | None = None) -> None:
-    """PyPI's JSON simple page for bigbench as a local file, listing ``archive`` by a relative URL."""
+def serve_index(tmp_path, monkeypatch, archive: Path | None, listed_sha256: str | None = None) -> None:
+    """PyPI's JSON simple page for bigbench as a local file, listing ``archive`` by a relative URL (with no
+    archive, only bigbench-0.0.1, as PyPI's own page reads now: a release that holds no task files)."""
     from metaspo_hf.tasks import bigbench
 
-    actual = hashlib.sha256(archive.read_bytes()).hexdigest()
     index = tmp_path / "index" / "bigbench.json"
     index.parent.mkdir(exist_ok=True)
-    index.write_text(json.dumps({"files": [
-        {"filename": "bigbench-0.0.1.tar.gz", "url": "elsewhere.tar.gz", "hashes": {"sha256": "0" * 64}},
-        {"filename": "bigbench-1.0.0.tar.gz", "url": os.path.relpath(archive, index.parent),
-         "hashes": {"sha256": listed_sha256 or actual}}]}))
+    files = [{"filename": "bigbench-0.0.1.tar.gz", "url": "elsewhere.tar.gz", "hashes": {"sha256": "0" * 64}}]
+    if archive is not None:
+        files.append({"filename": "bigbench-1.0.0.tar.gz", "url": os.path.relpath(archive, index.parent),
+                      "hashes": {"sha256": listed_sha256 or hashlib.sha256(archive.read_bytes()).hexdigest()}})
+    index.write_text(json.dumps({"files": files}))
     monkeypatch.setattr(bigbench, "index_url", index.as_uri)
     monkeypatch.setenv("METASPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("METASPO_BIGBENCH_ARCHIVE", raising=False)
@@ -175,6 +176,16 @@ def test_an_unreachable_index_names_the_archive_to_fetch_by_hand(tmp_path, monke
     with pytest.raises(MetaspoError, match="could not download bigbench==1.0.0") as error:
         fetch_bigbench()
     assert "METASPO_BIGBENCH_ARCHIVE" in error.value.hint and bigbench.ARCHIVE_SHA256 in error.value.hint
+
+
+def test_an_index_without_the_archive_names_it_to_fetch_by_hand(tmp_path, monkeypatch):
+    from metaspo_hf.tasks import bigbench
+
+    serve_index(tmp_path, monkeypatch, None)
+    with pytest.raises(MetaspoError, match="does not list bigbench-1.0.0.tar.gz") as error:
+        fetch_bigbench()
+    assert "METASPO_BIGBENCH_ARCHIVE" in error.value.hint and bigbench.ARCHIVE_SHA256 in error.value.hint
+    assert not is_fetched()
 
 
 @pytest.mark.parametrize("name", [
