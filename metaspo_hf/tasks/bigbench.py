@@ -167,7 +167,6 @@ def _download_error(exc: Exception) -> MetaspoError:
         hint=_BY_HAND)
 
 
-
 def _check_member(archive: Path, name: str) -> None:
     # Such a name could place a file outside the cache folder; no genuine sdist member has one.
     parts = name.split("/")
