@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="fetch datasets into the cache")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data_sub.add_parser("fetch", help="download a dataset into the user cache (e.g. bigbench)")
+    p = data_sub.add_parser("fetch", help="download a dataset into the user cache (e.g. bigbench)",
+                            epilog="bigbench: the bigbench-1.0.0 source archive from the package index; with "
+                                   "$METASPO_BIGBENCH_ARCHIVE set, that local copy instead (docs/tasks.md).")
     p.add_argument("what", help="bigbench")
 
     p = sub.add_parser("generate", help="load a recipe's model and answer one question (a quick check)")
